@@ -1,0 +1,477 @@
+"""The sparse autoencoder: `SAEConfig` and `SparseAutoencoder`.
+
+Parameters are named and shaped like SAELens (`W_enc` [d_in, d_sae], `b_enc` [d_sae], `W_dec` [d_sae, d_in],
+`b_dec` [d_in]); `b_dec` is the pre-bias, subtracted before encoding and added after decoding. The default,
+`activation="topk_signed"`, is the paper's TopK: keep the k largest raw pre-activations, no ReLU, no encoder bias.
+
+Files: `config.json` (every `SAEConfig` field, including what the SAE was trained on) and `model.safetensors`.
+Loading is safetensors-only and strict: a missing, extra or mis-shaped tensor, an unknown config key or a pickle file
+is refused with a message that says what to do.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+import torch.nn.functional as F
+from huggingface_hub import ModelCard, ModelCardData, PyTorchModelHubMixin, hf_hub_download
+from huggingface_hub.errors import EntryNotFoundError
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+Activation = Literal["topk_signed", "topk", "batchtopk", "relu"]
+ACTIVATIONS: tuple[str, ...] = ("topk_signed", "topk", "batchtopk", "relu")
+INPUT_NORMALIZATIONS: tuple[str, ...] = ("unit_norm", "none")
+CONFIG_NAME = "config.json"
+WEIGHTS_NAME = "model.safetensors"
+PICKLE_NAMES = ("pytorch_model.bin", "model.bin", "model.pt", "sae.pt", "model.pth")
+
+
+class SAELoadError(ValueError):
+    """A saved SAE could not be loaded: bad config, missing file, or weights that disagree with the config."""
+
+
+class SAEMismatchError(ValueError):
+    """The SAE does not fit the model or representation it is being used on."""
+
+
+@dataclass
+class SAEConfig:
+    """Shape, activation and provenance of a sparse autoencoder.
+
+    Parameters:
+        d_in: width of the input vectors (512 for CLIP ViT-B image embeddings).
+        d_sae: number of latents (dictionary size F; the paper uses 4 * d_in).
+        k: active latents per input for the TopK family (`topk_signed`, `topk`, `batchtopk`); unused for `relu`.
+        activation: `topk_signed` (paper: raw TopK, codes may be negative, exactly k non-zeros, no encoder bias),
+            `topk` (ReLU then TopK), `batchtopk` (TopK over the whole batch in training, a learned threshold at
+            inference), `relu` (ReLU trained with an L1 penalty weighted by decoder norms).
+        input_normalization: `unit_norm` (scale each input to unit L2 norm, as the paper) or `none`.
+            Applied by `preprocess`, never inside `encode`.
+        l1_coefficient: weight of the L1 sparsity loss (`relu` only).
+        source_model: the model whose representations the SAE was trained on (Hub id or path).
+        representation: which representation: `image_embeds` (final projected CLIP image embedding), `pooler_output`,
+            or `hidden_states.{layer}.cls` / `hidden_states.{layer}.mean`.
+        training_metrics: final metrics of `train_sae` (fvu, l0, dead_fraction, ...), written into the model card.
+    """
+
+    d_in: int
+    d_sae: int
+    k: int | None = 32
+    activation: str = "topk_signed"
+    input_normalization: str = "unit_norm"
+    l1_coefficient: float = 0.0
+    source_model: str | None = None
+    representation: str = "image_embeds"
+    training_metrics: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        for name in ("d_in", "d_sae"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+                raise ValueError(f"SAEConfig.{name} must be a positive int, got {value!r}.")
+        if self.activation not in ACTIVATIONS:
+            raise ValueError(
+                f"Unknown SAE activation {self.activation!r}; choose one of {', '.join(ACTIVATIONS)}."
+            )
+        if self.activation != "relu":
+            if not isinstance(self.k, int) or isinstance(self.k, bool) or not 0 < self.k <= self.d_sae:
+                raise ValueError(
+                    f"activation={self.activation!r} needs an int k in [1, d_sae={self.d_sae}], got k={self.k!r}."
+                )
+        if self.input_normalization not in INPUT_NORMALIZATIONS:
+            raise ValueError(
+                f"Unknown input_normalization {self.input_normalization!r}; choose one of "
+                f"{', '.join(INPUT_NORMALIZATIONS)}."
+            )
+        if self.l1_coefficient < 0:
+            raise ValueError(f"l1_coefficient must be >= 0, got {self.l1_coefficient}.")
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> SAEConfig:
+        """Build a config from a saved dict, refusing unknown keys (they mean a corrupted or foreign file)."""
+        if not isinstance(data, dict):
+            raise SAELoadError(f"An SAE config must be a JSON object, got {type(data).__name__}.")
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise SAELoadError(
+                f"SAE config has unknown keys {unknown}; expected only {sorted(known)}. The file is corrupted or "
+                "was not written by saeft-hf: re-save the SAE with `SparseAutoencoder.save_pretrained`."
+            )
+        missing = [f.name for f in fields(cls) if f.name in ("d_in", "d_sae") and f.name not in data]
+        if missing:
+            raise SAELoadError(f"SAE config is missing required keys {missing}.")
+        try:
+            return cls(**data)
+        except (TypeError, ValueError) as err:
+            raise SAELoadError(f"Invalid SAE config: {err}") from err
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass
+class SAEOutput:
+    """What `SparseAutoencoder.forward` returns.
+
+    Attributes:
+        x: the preprocessed input [B, d_in] (what was encoded and what `reconstruction` approximates).
+        pre_activations: encoder outputs before sparsification [B, d_sae].
+        codes: sparse codes [B, d_sae].
+        reconstruction: decoded codes [B, d_in].
+    """
+
+    x: torch.Tensor
+    pre_activations: torch.Tensor
+    codes: torch.Tensor
+    reconstruction: torch.Tensor
+
+
+SAE_CARD_TEMPLATE = """---
+{{ card_data }}
+---
+
+# Sparse autoencoder for SAE-FT
+
+A sparse autoencoder trained with [saeft-hf](https://github.com/saeft-hf/saeft-hf) on `{{ representation }}` of
+`{{ source_model }}`. It is the dictionary that SAE-FT uses to keep fine-tuning from adding or removing semantic
+features (arXiv 2605.15961).
+
+| | |
+|---|---|
+| d_in / d_sae / k | {{ d_in }} / {{ d_sae }} / {{ k }} |
+| activation | `{{ activation }}` |
+| input normalisation | `{{ input_normalization }}` |
+
+## Training metrics
+{{ metrics_table }}
+
+## Use
+```python
+from saeft_hf import SparseAutoencoder
+sae = SparseAutoencoder.from_pretrained("{{ repo_id }}")
+codes = sae.encode(sae.preprocess(image_embeds))
+```
+"""
+
+
+class SparseAutoencoder(
+    nn.Module,
+    PyTorchModelHubMixin,
+    library_name="saeft-hf",
+    tags=["sparse-autoencoder", "clip", "sae-ft"],
+    license="apache-2.0",
+    repo_url="https://github.com/saeft-hf/saeft-hf",
+    paper_url="https://arxiv.org/abs/2605.15961",
+    model_card_template=SAE_CARD_TEMPLATE,
+):
+    """A sparse autoencoder over vectors of width `config.d_in`.
+
+    `encode` and `decode` work on inputs exactly as given; `preprocess` applies the configured input normalisation;
+    `forward(x)` does all three and returns an `SAEOutput`.
+    """
+
+    def __init__(self, config: SAEConfig) -> None:
+        super().__init__()
+        if isinstance(config, dict):
+            config = SAEConfig.from_dict(config)
+        self.config = config
+        d_in, d_sae = config.d_in, config.d_sae
+        # Init as the reference: Kaiming-uniform encoder, decoder with unit-norm atoms, zero biases.
+        w_enc = torch.empty(d_sae, d_in)
+        nn.init.kaiming_uniform_(w_enc, a=math.sqrt(5))
+        w_dec = torch.empty(d_sae, d_in)
+        nn.init.kaiming_uniform_(w_dec, a=math.sqrt(5))
+        self.W_enc = nn.Parameter(w_enc.T.contiguous())
+        self.W_dec = nn.Parameter(F.normalize(w_dec, dim=-1))
+        self.b_enc = nn.Parameter(torch.zeros(d_sae))
+        self.b_dec = nn.Parameter(torch.zeros(d_in))
+        # The paper's TopK has no encoder bias: keep it at zero by never training it.
+        self.b_enc.requires_grad_(config.activation != "topk_signed")
+        # BatchTopK's inference threshold, estimated during training (a buffer: saved, never optimised).
+        self.register_buffer("threshold", torch.zeros(()), persistent=config.activation == "batchtopk")
+
+    # ----------------------------------------------------------------------------------------------------------
+    # Core maths
+    # ----------------------------------------------------------------------------------------------------------
+    def preprocess(self, x: torch.Tensor) -> torch.Tensor:
+        """Apply the configured input normalisation. [..., d_in] -> [..., d_in]."""
+        if self.config.input_normalization == "unit_norm":
+            return F.normalize(x, dim=-1, eps=1e-8)
+        return x
+
+    def pre_activations(self, x: torch.Tensor, *, detach_weights: bool = False) -> torch.Tensor:
+        """`(x - b_dec) @ W_enc + b_enc`. [B, d_in] -> [B, d_sae]."""
+        w_enc, b_enc, b_dec = self.W_enc, self.b_enc, self.b_dec
+        if detach_weights:
+            w_enc, b_enc, b_dec = w_enc.detach(), b_enc.detach(), b_dec.detach()
+        w_enc = w_enc.to(x.dtype)
+        return torch.addmm(b_enc.to(x.dtype), x - b_dec.to(x.dtype), w_enc)
+
+    def activate(self, pre: torch.Tensor) -> torch.Tensor:
+        """Sparsify pre-activations into codes. [B, d_sae] -> [B, d_sae]."""
+        activation, k = self.config.activation, self.config.k
+        if activation == "relu":
+            return F.relu(pre)
+        if activation == "topk_signed":
+            return _keep_topk(pre, k)
+        if activation == "topk":
+            return _keep_topk(F.relu(pre), k)
+        # batchtopk
+        post = F.relu(pre)
+        if self.training:
+            flat = post.flatten()
+            n_keep = min(k * pre.shape[0], flat.numel())
+            values, indices = flat.topk(n_keep, sorted=False)
+            codes = torch.zeros_like(flat).scatter(0, indices, values).view_as(post)
+            return codes
+        return post * (post > self.threshold.to(post.dtype))
+
+    def encode(self, x: torch.Tensor, *, detach_weights: bool = False) -> torch.Tensor:
+        """Dense codes of `x` exactly as given (no normalisation). [B, d_in] -> [B, d_sae].
+
+        `detach_weights=True` treats the SAE as a constant: gradients reach `x` but never the SAE's parameters.
+        """
+        self._check_width(x)
+        return self.activate(self.pre_activations(x, detach_weights=detach_weights))
+
+    def decode(self, codes: torch.Tensor, *, detach_weights: bool = False) -> torch.Tensor:
+        """`codes @ W_dec + b_dec`. [B, d_sae] -> [B, d_in]."""
+        w_dec, b_dec = self.W_dec, self.b_dec
+        if detach_weights:
+            w_dec, b_dec = w_dec.detach(), b_dec.detach()
+        return torch.addmm(b_dec.to(codes.dtype), codes, w_dec.to(codes.dtype))
+
+    def forward(self, x: torch.Tensor) -> SAEOutput:
+        """Preprocess, encode and decode. [B, d_in] -> `SAEOutput`."""
+        x = self.preprocess(x)
+        self._check_width(x)
+        pre = self.pre_activations(x)
+        codes = self.activate(pre)
+        return SAEOutput(x=x, pre_activations=pre, codes=codes, reconstruction=self.decode(codes))
+
+    @torch.no_grad()
+    def normalize_decoder_(self) -> None:
+        """Rescale every decoder atom (row of `W_dec`) to unit L2 norm, in place."""
+        self.W_dec.copy_(F.normalize(self.W_dec, dim=-1))
+
+    # ----------------------------------------------------------------------------------------------------------
+    # Safety checks
+    # ----------------------------------------------------------------------------------------------------------
+    def _check_width(self, x: torch.Tensor) -> None:
+        if x.shape[-1] != self.config.d_in:
+            raise SAEMismatchError(
+                f"The SAE expects vectors of width d_in={self.config.d_in} but got {x.shape[-1]} "
+                f"(input shape {tuple(x.shape)}). Use an SAE trained on this model's "
+                f"`{self.config.representation}`, or train one with `train_sae`."
+            )
+
+    def check_compatible(
+        self, *, d_in: int | None = None, source_model: str | None = None, representation: str | None = None
+    ) -> None:
+        """Raise `SAEMismatchError` if this SAE was trained on another width, model or representation.
+
+        An SAE whose config does not record its source (None) is accepted for that field.
+        """
+        cfg = self.config
+        if d_in is not None and d_in != cfg.d_in:
+            raise SAEMismatchError(
+                f"SAE width mismatch: the SAE has d_in={cfg.d_in} but the model's `{representation or cfg.representation}`"
+                f" has width {d_in}. Train an SAE on this model (recipes/train_sae.py) or pass the matching one."
+            )
+        if representation is not None and representation != cfg.representation:
+            raise SAEMismatchError(
+                f"The SAE was trained on `{cfg.representation}` but is being applied to `{representation}`. "
+                f"Set the model's representation to `{cfg.representation}` or train an SAE on `{representation}`."
+            )
+        if source_model is not None and cfg.source_model is not None:
+            if _same_model(source_model, cfg.source_model):
+                return
+            raise SAEMismatchError(
+                f"The SAE was trained on `{cfg.source_model}` but the model being fine-tuned is `{source_model}`. "
+                "An SAE only describes the embeddings of the model it was trained on: train one for this model "
+                "(recipes/train_sae.py), or pass `allow_sae_source_mismatch=True` if they are the same weights."
+            )
+
+    # ----------------------------------------------------------------------------------------------------------
+    # Saving and loading (safetensors only)
+    # ----------------------------------------------------------------------------------------------------------
+    def _save_pretrained(self, save_directory: Path) -> None:
+        state = {name: tensor.detach().contiguous().cpu() for name, tensor in self.state_dict().items()}
+        tmp = save_directory / f".{WEIGHTS_NAME}.tmp"
+        save_file(state, str(tmp), metadata={"format": "pt"})
+        os.replace(tmp, save_directory / WEIGHTS_NAME)  # a crash mid-write never leaves a truncated file
+
+    def save_pretrained(  # type: ignore[override]
+        self,
+        save_directory: str | Path,
+        *,
+        config: Any = None,
+        repo_id: str | None = None,
+        push_to_hub: bool = False,
+        model_card_kwargs: dict[str, Any] | None = None,
+        **push_to_hub_kwargs: Any,
+    ) -> str | None:
+        """Write `config.json`, `model.safetensors` and a model card (README.md) into `save_directory`.
+
+        `config` is accepted for compatibility with `PyTorchModelHubMixin.push_to_hub` and ignored: the SAE's own
+        `self.config` is always what is written.
+        """
+        save_directory = Path(save_directory)
+        save_directory.mkdir(parents=True, exist_ok=True)
+        self._save_pretrained(save_directory)
+        tmp = save_directory / f".{CONFIG_NAME}.tmp"
+        tmp.write_text(json.dumps(self.config.to_dict(), sort_keys=True, indent=2))
+        os.replace(tmp, save_directory / CONFIG_NAME)
+        self.generate_model_card(**(model_card_kwargs or {})).save(save_directory / "README.md")
+        if push_to_hub:
+            return self.push_to_hub(
+                repo_id=repo_id or save_directory.name, model_card_kwargs=model_card_kwargs, **push_to_hub_kwargs
+            )
+        return None
+
+    def push_to_hub(self, repo_id: str, *, model_card_kwargs: dict[str, Any] | None = None, **kwargs: Any) -> str:  # type: ignore[override]
+        """Upload config, weights and a model card (with the training metrics) to `repo_id` on the Hub."""
+        card_kwargs = {"repo_id": repo_id, **(model_card_kwargs or {})}
+        return super().push_to_hub(repo_id, model_card_kwargs=card_kwargs, **kwargs)
+
+    def generate_model_card(self, *args: Any, **kwargs: Any) -> ModelCard:
+        cfg = self.config
+        metrics = cfg.training_metrics or {}
+        rows = "\n".join(f"| {key} | {_fmt(value)} |" for key, value in sorted(metrics.items()))
+        table = f"| metric | value |\n|---|---|\n{rows}" if rows else "Not recorded."
+        card_data = ModelCardData(
+            library_name="saeft-hf",
+            license="apache-2.0",
+            tags=["sparse-autoencoder", "clip", "sae-ft"],
+            base_model=cfg.source_model if cfg.source_model and "/" in cfg.source_model and not os.path.isdir(cfg.source_model) else None,
+        )
+        return ModelCard.from_template(
+            card_data,
+            template_str=SAE_CARD_TEMPLATE,
+            metrics_table=table,
+            repo_id=kwargs.get("repo_id") or "<repo_id or local path>",
+            **{key: value for key, value in cfg.to_dict().items() if key != "training_metrics"},
+        )
+
+    @classmethod
+    def from_pretrained(  # type: ignore[override]
+        cls,
+        pretrained_model_name_or_path: str | Path,
+        *,
+        revision: str | None = None,
+        token: str | bool | None = None,
+        cache_dir: str | Path | None = None,
+        local_files_only: bool = False,
+        force_download: bool = False,
+        map_location: str | torch.device = "cpu",
+        subfolder: str | None = None,
+    ) -> SparseAutoencoder:
+        """Load an SAE from a local directory or a Hub repo (safetensors only; strict keys and shapes)."""
+        source = str(pretrained_model_name_or_path)
+
+        def resolve(filename: str) -> str:
+            if os.path.isdir(source):
+                path = os.path.join(source, subfolder or "", filename)
+                if not os.path.isfile(path):
+                    raise FileNotFoundError(path)
+                return path
+            return hf_hub_download(
+                source, filename, subfolder=subfolder, revision=revision, token=token, cache_dir=cache_dir,
+                local_files_only=local_files_only, force_download=force_download,
+            )
+
+        try:
+            config_path = resolve(CONFIG_NAME)
+        except (FileNotFoundError, EntryNotFoundError) as err:
+            raise SAELoadError(
+                f"No {CONFIG_NAME} for an SAE at `{source}`{f' (subfolder {subfolder})' if subfolder else ''}. "
+                "Pass the directory written by `SparseAutoencoder.save_pretrained`."
+            ) from err
+        try:
+            with open(config_path, encoding="utf-8") as fh:
+                raw = json.load(fh)
+        except json.JSONDecodeError as err:
+            raise SAELoadError(f"The SAE config {config_path} is not valid JSON ({err}); the file is corrupted.") from err
+        config = SAEConfig.from_dict(raw)
+
+        try:
+            weights_path = resolve(WEIGHTS_NAME)
+        except (FileNotFoundError, EntryNotFoundError) as err:
+            pickles = [n for n in PICKLE_NAMES if os.path.isfile(os.path.join(source, subfolder or "", n))]
+            hint = (
+                f" Found {pickles}: pickle files can run arbitrary code, so saeft-hf refuses to load them. Convert "
+                "once in a trusted environment with `saeft_hf.sae.convert_pickle_to_safetensors(path)`."
+                if pickles else ""
+            )
+            raise SAELoadError(f"No {WEIGHTS_NAME} for the SAE at `{source}`.{hint}") from err
+
+        sae = cls(config)
+        try:
+            state = load_file(weights_path, device=str(map_location))
+        except Exception as err:  # safetensors raises its own error types for truncated files
+            raise SAELoadError(f"Could not read SAE weights {weights_path}: {err}. The file is corrupted.") from err
+        expected = sae.state_dict()
+        missing, unexpected = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
+        bad_shapes = [
+            f"{name}: file {tuple(state[name].shape)} vs config {tuple(expected[name].shape)}"
+            for name in expected if name in state and state[name].shape != expected[name].shape
+        ]
+        if missing or unexpected or bad_shapes:
+            raise SAELoadError(
+                f"SAE weights in {weights_path} do not match its config (d_in={config.d_in}, d_sae={config.d_sae}, "
+                f"activation={config.activation}): missing {missing}, unexpected {unexpected}, shapes {bad_shapes}."
+            )
+        sae.load_state_dict(state, strict=True)
+        return sae.to(map_location)
+
+
+def _keep_topk(pre: torch.Tensor, k: int) -> torch.Tensor:
+    """Zero all but the k largest entries of each row. [B, F] -> [B, F]; gradients flow through the kept ones."""
+    values, indices = pre.topk(k, dim=-1, sorted=False)
+    return torch.zeros_like(pre).scatter(-1, indices, values)
+
+
+def _same_model(a: str, b: str) -> bool:
+    """Hub ids compare exactly; local paths compare after resolving."""
+    if a == b:
+        return True
+    try:
+        return Path(a).resolve() == Path(b).resolve() and os.path.exists(a)
+    except OSError:
+        return False
+
+
+def _fmt(value: Any) -> str:
+    return f"{value:.4g}" if isinstance(value, float) else str(value)
+
+
+def convert_pickle_to_safetensors(path: str | Path, output_dir: str | Path, config: SAEConfig) -> Path:
+    """Convert a trusted pickled state dict (e.g. the reference code's `sae_4_32.pt`) to our safetensors format.
+
+    Loaded with `torch.load(weights_only=True)`, which refuses arbitrary objects. The reference names
+    (`encoder.weight` [F, d], `decoder.weight` [d, F], `b_pre` [d]) are mapped to ours.
+    """
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    if "encoder.weight" in state:  # the authors' SparseAutoencoderTopK
+        state = {
+            "W_enc": state["encoder.weight"].T.contiguous(),
+            "W_dec": state["decoder.weight"].T.contiguous(),
+            "b_dec": state["b_pre"],
+            "b_enc": torch.zeros(state["encoder.weight"].shape[0]),
+        }
+    sae = SparseAutoencoder(config)
+    sae.load_state_dict(state, strict=False)
+    missing = set(sae.state_dict()) - set(state) - {"threshold"}
+    if missing:
+        raise SAELoadError(f"{path} lacks tensors {sorted(missing)} needed by {config}.")
+    output_dir = Path(output_dir)
+    sae.save_pretrained(output_dir)
+    return output_dir
