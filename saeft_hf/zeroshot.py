@@ -1,0 +1,143 @@
+"""Initialising the classification head: zero-shot from CLIP's text tower, or a linear probe (for LP-FT).
+
+Zero-shot (METHOD.md section 4): per class, embed every prompt template filled with the class name, L2-normalise each
+embedding, average, re-normalise, and multiply by `logit_scale.exp()`; the bias is 0. The text tower is used once,
+here, and is not part of the fine-tuned model.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+from transformers import AutoTokenizer, CLIPModel, PreTrainedTokenizerBase
+
+from .modeling import SAEFTCLIPConfig, SAEFTCLIPForImageClassification
+
+
+@torch.no_grad()
+def zeroshot_text_embeddings(
+    clip: CLIPModel,
+    tokenizer: PreTrainedTokenizerBase,
+    classnames: Sequence[str],
+    templates: Sequence[str],
+    *,
+    batch_size: int = 256,
+    progress: bool = True,
+) -> torch.Tensor:
+    """Template-averaged, unit-norm text embedding per class. Returns [num_classes, projection_dim]."""
+    if not classnames or not templates:
+        raise ValueError("Zero-shot head needs at least one class name and one prompt template.")
+    bad = [t for t in templates if "{}" not in t]
+    if bad:
+        raise ValueError(f"Every template needs a '{{}}' placeholder for the class name; these do not: {bad[:3]}")
+    device = next(clip.parameters()).device
+    was_training = clip.training
+    clip.eval()
+    weights = []
+    for name in tqdm(classnames, desc="zero-shot head", disable=not progress):
+        texts = [template.format(name) for template in templates]
+        per_template = []
+        for start in range(0, len(texts), batch_size):
+            tokens = tokenizer(texts[start:start + batch_size], padding=True, truncation=True, return_tensors="pt")
+            tokens = {k: v.to(device) for k, v in tokens.items() if k in ("input_ids", "attention_mask")}
+            per_template.append(F.normalize(clip.get_text_features(**tokens).pooler_output.float(), dim=-1))
+        weights.append(F.normalize(torch.cat(per_template).mean(0), dim=-1))
+    clip.train(was_training)
+    return torch.stack(weights)
+
+
+@torch.no_grad()
+def set_head(model: SAEFTCLIPForImageClassification, weight: torch.Tensor, bias: torch.Tensor | None = None) -> None:
+    """Write `weight` [num_labels, projection_dim] (and `bias`) into the model's head, checking shapes."""
+    head = model.classifier
+    if weight.shape != head.weight.shape:
+        raise ValueError(
+            f"Head weight has shape {tuple(weight.shape)} but the model's head is {tuple(head.weight.shape)} "
+            f"(num_labels={model.config.num_labels}): the class names must match the label count."
+        )
+    head.weight.copy_(weight.to(head.weight))
+    head.bias.copy_(bias.to(head.bias) if bias is not None else torch.zeros_like(head.bias))
+
+
+def build_zeroshot_head(
+    model: SAEFTCLIPForImageClassification,
+    clip: CLIPModel,
+    tokenizer: PreTrainedTokenizerBase,
+    classnames: Sequence[str],
+    templates: Sequence[str],
+    *,
+    progress: bool = True,
+) -> torch.Tensor:
+    """Fill `model.classifier` with CLIP's zero-shot classifier; returns the unscaled text embeddings."""
+    text = zeroshot_text_embeddings(clip, tokenizer, classnames, templates, progress=progress)
+    set_head(model, text * clip.logit_scale.exp().float())
+    return text
+
+
+def from_clip(
+    clip_name_or_path: str,
+    classnames: Sequence[str],
+    templates: Sequence[str],
+    *,
+    representation: str = "image_embeds",
+    tokenizer: PreTrainedTokenizerBase | None = None,
+    progress: bool = True,
+    **hub_kwargs,
+) -> SAEFTCLIPForImageClassification:
+    """A classifier with CLIP's vision weights and a zero-shot head for `classnames`.
+
+    Args:
+        clip_name_or_path: a `CLIPModel` checkpoint (Hub id or directory) with its tokenizer.
+        classnames: one readable name per label, in label order.
+        templates: prompt templates with a `{}` placeholder (e.g. `saeft_hf.evaluation.IMAGENET_TEMPLATES`).
+        representation: what the SAE-FT penalty sees (see `saeft_hf.modeling.parse_representation`).
+    """
+    clip = CLIPModel.from_pretrained(clip_name_or_path, **hub_kwargs)
+    tokenizer = tokenizer or AutoTokenizer.from_pretrained(clip_name_or_path, **hub_kwargs)
+    config = SAEFTCLIPConfig(
+        vision_config=clip.config.vision_config.to_dict(),
+        projection_dim=clip.config.projection_dim,
+        representation=representation,
+        source_model=str(clip_name_or_path),
+        num_labels=len(classnames),
+        id2label={i: name for i, name in enumerate(classnames)},
+        label2id={name: i for i, name in enumerate(classnames)},
+    )
+    model = SAEFTCLIPForImageClassification(config)
+    model.vision_model.load_state_dict(clip.vision_model.state_dict())
+    model.visual_projection.load_state_dict(clip.visual_projection.state_dict())
+    build_zeroshot_head(model, clip, tokenizer, classnames, templates, progress=progress)
+    return model
+
+
+def fit_linear_probe(
+    features: torch.Tensor,
+    labels: torch.Tensor,
+    num_classes: int,
+    *,
+    init_weight: torch.Tensor | None = None,
+    weight_decay: float = 1e-4,
+    steps: int = 300,
+    lr: float = 1e-2,
+    seed: int = 0,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Multinomial logistic regression on L2-normalised `features` [N, d] (the LP step of LP-FT).
+
+    Full-batch AdamW from `init_weight` (e.g. the zero-shot head) or zeros. Returns (weight [C, d], bias [C]).
+    """
+    if labels.min() < 0 or labels.max() >= num_classes:
+        raise ValueError(f"Labels must lie in [0, {num_classes}); got range [{int(labels.min())}, {int(labels.max())}].")
+    generator = torch.Generator().manual_seed(seed)
+    x = F.normalize(features.float(), dim=-1)
+    weight = (init_weight.clone().float() if init_weight is not None else 0.01 * torch.randn(num_classes, x.shape[1], generator=generator))
+    weight.requires_grad_(True)
+    bias = torch.zeros(num_classes, requires_grad=True)
+    optimizer = torch.optim.AdamW([weight, bias], lr=lr, weight_decay=weight_decay)
+    for _ in range(steps):
+        optimizer.zero_grad()
+        F.cross_entropy(x @ weight.T + bias, labels).backward()
+        optimizer.step()
+    return weight.detach(), bias.detach()
