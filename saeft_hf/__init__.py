@@ -2,13 +2,20 @@
 
 __version__ = "0.1.0"
 
+from .config import SAEFTConfig
+from .modeling import SAEFTCLIPConfig, SAEFTCLIPForImageClassification  # also registers the Auto classes
 from .penalty import SAEFTPenalty, feature_distillation_penalty, l2sp_penalty, sae_ft_penalty
 from .sae import SAEConfig, SAELoadError, SAEMismatchError, SAEOutput, SparseAutoencoder
 from .sae_training import SAETrainingResult, evaluate_sae, train_sae
+from .trainer import SAEFTTrainer
 
 __all__ = [
     "SAEConfig",
+    "SAEFTCLIPConfig",
+    "SAEFTCLIPForImageClassification",
+    "SAEFTConfig",
     "SAEFTPenalty",
+    "SAEFTTrainer",
     "SAELoadError",
     "SAEMismatchError",
     "SAEOutput",

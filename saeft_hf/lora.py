@@ -7,13 +7,14 @@ reference is the same model with its adapters disabled, so LoRA SAE-FT keeps a s
 
 from __future__ import annotations
 
+import os
 import re
 from collections.abc import Sequence
 
 from peft import LoraConfig, PeftModel, get_peft_model
 from torch import nn
 
-from .modeling import SAEFTCLIPForImageClassification
+from .modeling import SAEFTCLIPConfig, SAEFTCLIPForImageClassification
 
 _VISION_LAYER = r"vision_model\.encoder\.layers\.\d+\."
 
@@ -64,3 +65,26 @@ def add_lora(
 def merge_lora(model: PeftModel) -> SAEFTCLIPForImageClassification:
     """Fold the adapters into the base weights and return a plain classifier (no `lora_` parameters)."""
     return model.merge_and_unload(progressbar=False)
+
+
+BASE_CONFIG_SUBFOLDER = "base"
+
+
+def save_base_config(model: PeftModel, output_dir: str) -> None:
+    """Save the wrapped classifier's config next to an adapter, so `load_classifier` can rebuild the base."""
+    model.get_base_model().config.save_pretrained(os.path.join(output_dir, BASE_CONFIG_SUBFOLDER))
+
+
+def load_classifier(path: str, **hub_kwargs) -> SAEFTCLIPForImageClassification | PeftModel:
+    """Load a fine-tuned model saved by the recipes: a full classifier, or an adapter (+ `base/config.json`).
+
+    For an adapter, the base weights come from the pre-trained CLIP checkpoint recorded in the config
+    (`source_model`); the trained head comes from the adapter (`modules_to_save`).
+    """
+    if not os.path.isfile(os.path.join(path, "adapter_config.json")):
+        return SAEFTCLIPForImageClassification.from_pretrained(path, **hub_kwargs)
+    config = SAEFTCLIPConfig.from_pretrained(os.path.join(path, BASE_CONFIG_SUBFOLDER))
+    if not config.source_model:
+        raise ValueError(f"{path} is an adapter but its base config records no source_model to load weights from.")
+    base = SAEFTCLIPForImageClassification.from_pretrained(config.source_model, config=config, **hub_kwargs)
+    return PeftModel.from_pretrained(base, path)

@@ -1,0 +1,169 @@
+"""Model cards and pushing a training run (model or adapter, its SAE, results, card) to the Hub in one commit.
+
+A failed push never touches the local outputs, and its message says how to retry; tokens are never printed.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from huggingface_hub import EvalResult, HfApi, ModelCard, ModelCardData
+
+CARD_TEMPLATE = """---
+{{ card_data }}
+---
+
+# {{ model_name }}
+
+{{ summary }}
+
+## Evaluation
+{{ eval_table }}
+
+## Training
+{{ training_table }}
+
+## Use
+```python
+{{ usage }}
+```
+
+Trained with [saeft-hf](https://github.com/saeft-hf/saeft-hf): SAE-FT (arXiv 2605.15961) penalises sparse-autoencoder
+features that fine-tuning adds or removes, and embedding drift the SAE dictionary cannot explain. The SAE is in the
+`sae/` folder of this repository.
+"""
+
+PRETTY_NAMES = {
+    "imagenet": "ImageNet", "imagenet_v2": "ImageNet-V2", "imagenet_r": "ImageNet-R", "imagenet_a": "ImageNet-A",
+    "imagenet_sketch": "ImageNet-Sketch", "objectnet": "ObjectNet",
+}
+
+
+def _redact(text: str) -> str:
+    """Remove anything that looks like a Hugging Face token."""
+    return re.sub(r"hf_[A-Za-z0-9]{8,}", "hf_***", text)
+
+
+def _table(rows: Mapping[str, Any], header: tuple[str, str]) -> str:
+    if not rows:
+        return "Not recorded."
+    body = "\n".join(
+        f"| {key} | {f'{value:.4g}' if isinstance(value, float) else value} |" for key, value in rows.items()
+    )
+    return f"| {header[0]} | {header[1]} |\n|---|---|\n{body}"
+
+
+def build_model_card(
+    *,
+    model_name: str,
+    base_model: str | None,
+    results: Mapping[str, float] | None = None,
+    hyperparameters: Mapping[str, Any] | None = None,
+    dataset_id: str | None = None,
+    is_adapter: bool = False,
+    repo_id: str | None = None,
+) -> ModelCard:
+    """A card with `model-index` evaluation results (accuracies in [0, 1], reported in percent)."""
+    results = dict(results or {})
+    eval_results = [
+        EvalResult(
+            task_type="image-classification",
+            dataset_type=name,
+            dataset_name=PRETTY_NAMES.get(name, name),
+            metric_type="accuracy",
+            metric_value=round(100 * value, 2),
+        )
+        for name, value in results.items()
+        if isinstance(value, float) and not name.startswith("avg")
+    ]
+    card_data = ModelCardData(
+        library_name="peft" if is_adapter else "transformers",
+        license="apache-2.0",
+        base_model=base_model if base_model and not os.path.isdir(base_model) else None,
+        datasets=[dataset_id] if dataset_id and not os.path.isdir(dataset_id) else None,
+        pipeline_tag="image-classification",
+        tags=["clip", "sae-ft", "sparse-autoencoder", "robust-fine-tuning"] + (["lora"] if is_adapter else []),
+        model_name=model_name,
+        eval_results=eval_results or None,
+    )
+    target = repo_id or "<this repo or directory>"
+    if is_adapter:
+        usage = (
+            "from huggingface_hub import snapshot_download\nfrom saeft_hf.lora import load_classifier\n"
+            f"model = load_classifier(snapshot_download(\"{target}\"))  # base CLIP weights + this adapter"
+        )
+    else:
+        usage = (
+            "import saeft_hf  # registers the model class\n"
+            "from transformers import AutoModelForImageClassification\n"
+            f"model = AutoModelForImageClassification.from_pretrained(\"{target}\")"
+        )
+    pct = {PRETTY_NAMES.get(k, k): round(100 * v, 2) for k, v in results.items() if isinstance(v, float)}
+    return ModelCard.from_template(
+        card_data,
+        template_str=CARD_TEMPLATE,
+        model_name=model_name,
+        summary=f"A CLIP image classifier fine-tuned from `{base_model}` with saeft-hf"
+        f"{' (LoRA adapter)' if is_adapter else ''}.",
+        eval_table=_table(pct, ("set", "top-1 (%)")),
+        training_table=_table(dict(hyperparameters or {}), ("hyper-parameter", "value")),
+        usage=usage,
+    )
+
+
+def write_model_card(output_dir: str | Path, **kwargs: Any) -> Path:
+    """Render `build_model_card(**kwargs)` into `output_dir/README.md`."""
+    path = Path(output_dir) / "README.md"
+    build_model_card(**kwargs).save(path)
+    return path
+
+
+def push_run_to_hub(
+    output_dir: str | Path,
+    repo_id: str,
+    *,
+    token: str | None = None,
+    private: bool | None = None,
+    commit_message: str = "Upload SAE-FT model, SAE and results",
+    revision: str | None = None,
+) -> str:
+    """Upload `output_dir` (model or adapter, `sae/`, results JSON, README) to `repo_id` in one commit.
+
+    Checkpoints, optimizer states and pickled training args stay local. On failure, local files are untouched and
+    the raised error says how to retry.
+    """
+    output_dir = Path(output_dir)
+    if not output_dir.is_dir():
+        raise FileNotFoundError(f"Nothing to push: {output_dir} does not exist.")
+    api = HfApi(token=token)
+    try:
+        repo = api.create_repo(repo_id=repo_id, private=private, exist_ok=True)
+        commit = api.upload_folder(
+            repo_id=getattr(repo, "repo_id", repo_id),
+            folder_path=str(output_dir),
+            commit_message=commit_message,
+            revision=revision,
+            ignore_patterns=["checkpoint-*", "checkpoint-*/**", "*.pt", "*.pth", "*.bin", "runs/**", ".*"],
+        )
+    except Exception as err:
+        raise RuntimeError(
+            f"Pushing {output_dir} to the Hub repo {repo_id} failed ({type(err).__name__}: {_redact(str(err))}). "
+            f"Your local outputs are intact. Log in with `hf auth login` (or set HF_TOKEN), check the network, then "
+            f"retry with: hf upload {repo_id} {output_dir} --exclude 'checkpoint-*' '*.pt' '*.bin'"
+        ) from None
+    return str(getattr(commit, "commit_url", commit))
+
+
+def save_results(path: str | Path, results: Mapping[str, Any]) -> Path:
+    """Write results JSON atomically."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(results, indent=2, sort_keys=True))
+    os.replace(tmp, path)
+    return path

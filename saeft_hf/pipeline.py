@@ -1,0 +1,275 @@
+"""The end-to-end SAE-FT run that the recipes wire up: model + head, SAE, fine-tuning, saving, evaluation.
+
+Recipes parse arguments and load datasets; everything else happens here, so that the ImageNet recipe and the digit
+benchmark run the same code path.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import os
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import yaml
+from transformers import HfArgumentParser
+
+from .config import SAEFTConfig
+from .data import ImageClassificationCollator, transforms_from_pretrained, with_image_transform
+from .embeddings import compute_embeddings
+from .evaluation import evaluate_sets, shift_averages, wise_ft_sweep
+from .hub import push_run_to_hub, save_results, write_model_card
+from .lora import add_lora, save_base_config
+from .sae import SAEConfig, SparseAutoencoder
+from .sae_training import train_sae
+from .trainer import SAE_SUBFOLDER, SAEFTTrainer, base_classifier
+from .zeroshot import fit_linear_probe, from_clip, set_head
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class ModelArguments:
+    """The pre-trained model, its representation, the head and (when none is given) the SAE to train."""
+
+    model_name_or_path: str = field(
+        default="openai/clip-vit-base-patch16",
+        metadata={"help": "CLIPModel checkpoint (Hub id or directory) with its tokenizer and image processor."},
+    )
+    representation: str = field(
+        default="image_embeds",
+        metadata={"help": "What the penalty sees: image_embeds (the paper), pooler_output, hidden_states.{i}.cls|mean."},
+    )
+    sae_d_sae_multiplier: int = field(default=4, metadata={"help": "New SAE: latents per input dimension (paper: 4)."})
+    sae_k: int = field(default=32, metadata={"help": "New SAE: active latents per input (paper: 32)."})
+    sae_activation: str = field(default="topk_signed", metadata={"help": "New SAE: topk_signed (paper), topk, batchtopk, relu."})
+    sae_epochs: int = field(default=100, metadata={"help": "New SAE: epochs over the cached embeddings (paper: 100)."})
+    sae_batch_size: int = field(default=1024, metadata={"help": "New SAE: batch size (paper: 1024)."})
+    sae_lr: float = field(default=1e-3, metadata={"help": "New SAE: AdamW learning rate (paper: 1e-3)."})
+    sae_max_samples: int | None = field(
+        default=None, metadata={"help": "New SAE: embed at most this many training images (all by default)."}
+    )
+    sae_aux_k: int | None = field(default=None, metadata={"help": "New SAE: AuxK dead latents (None: off, as the paper)."})
+    embedding_batch_size: int = field(default=256, metadata={"help": "Batch size for computing embeddings."})
+
+
+@dataclass
+class RunResult:
+    """What `run_saeft` produced."""
+
+    trainer: SAEFTTrainer
+    sae: SparseAutoencoder | None
+    results: dict[str, Any]
+
+
+def parse_args(dataclass_types: Sequence[type], argv: Sequence[str]) -> tuple[Any, ...]:
+    """Parse `argv` into dataclasses; `--config file.yaml` supplies defaults that CLI flags override.
+
+    Unknown YAML keys are an error (a typo would otherwise be silently ignored).
+    """
+    parser = HfArgumentParser(tuple(dataclass_types))
+    argv = list(argv)
+    if "--config" in argv:
+        index = argv.index("--config")
+        if index + 1 >= len(argv):
+            raise ValueError("--config needs a YAML file path.")
+        path = argv[index + 1]
+        del argv[index:index + 2]
+        with open(path, encoding="utf-8") as fh:
+            values = yaml.safe_load(fh) or {}
+        known = {action.dest for action in parser._actions}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ValueError(f"Unknown keys in {path}: {unknown}. Run the recipe with --help for the valid options.")
+        parser.set_defaults(**values)
+        # Required-ness is satisfied by YAML values too.
+        for action in parser._actions:
+            if action.dest in values:
+                action.required = False
+    return parser.parse_args_into_dataclasses(args=argv)
+
+
+def build_model(
+    model_args: ModelArguments,
+    classnames: Sequence[str],
+    templates: Sequence[str],
+) -> Any:
+    """The classifier with CLIP's vision weights and a zero-shot head."""
+    return from_clip(model_args.model_name_or_path, classnames, templates, representation=model_args.representation)
+
+
+def train_sae_for_model(
+    model: Any,
+    dataset: Any,
+    eval_transform: Callable[[Any], torch.Tensor],
+    model_args: ModelArguments,
+    *,
+    output_dir: str | None = None,
+    seed: int = 0,
+) -> SparseAutoencoder:
+    """Train an SAE on the pre-trained model's embeddings of `dataset` (eval transform, no augmentation)."""
+    if model_args.sae_max_samples is not None:
+        dataset = dataset.take(model_args.sae_max_samples) if hasattr(dataset, "take") else dataset
+    images = with_image_transform(dataset, eval_transform)
+    cache = os.path.join(output_dir, "sae_embeddings.safetensors") if output_dir else None
+    embeddings = compute_embeddings(
+        model, images, batch_size=model_args.embedding_batch_size, cache_path=cache,
+        cache_key=f"{model_args.model_name_or_path}|{model_args.representation}|{model_args.sae_max_samples}",
+    )
+    d_in = embeddings.shape[1]
+    config = SAEConfig(
+        d_in=d_in,
+        d_sae=model_args.sae_d_sae_multiplier * d_in,
+        k=model_args.sae_k,
+        activation=model_args.sae_activation,
+        source_model=base_classifier(model).config.source_model,
+        representation=model_args.representation,
+    )
+    result = train_sae(
+        embeddings, config, epochs=model_args.sae_epochs, batch_size=model_args.sae_batch_size,
+        lr=model_args.sae_lr, aux_k=model_args.sae_aux_k, seed=seed,
+    )
+    logger.info("Trained SAE: %s", result.metrics)
+    return result.sae
+
+
+def init_linear_probe_head(model: Any, dataset: Any, eval_transform: Callable[[Any], torch.Tensor], batch_size: int) -> None:
+    """LP-FT: fit the head as a logistic regression on frozen embeddings, starting from the zero-shot head."""
+    images = with_image_transform(dataset, eval_transform)
+    base = base_classifier(model)
+    rep = base.config.representation
+    base.config.representation = "image_embeds"  # the head reads the projected embedding
+    try:
+        features, labels = compute_embeddings(base, images, batch_size=batch_size, return_labels=True)
+    finally:
+        base.config.representation = rep
+    weight, bias = fit_linear_probe(features, labels, base.config.num_labels, init_weight=base.classifier.weight.detach())
+    set_head(base, weight, bias)
+
+
+def run_saeft(
+    model_args: ModelArguments,
+    training_args: SAEFTConfig,
+    *,
+    train_dataset: Any,
+    eval_dataset: Any | None,
+    classnames: Sequence[str],
+    templates: Sequence[str],
+    sae: SparseAutoencoder | None = None,
+    eval_sets: Mapping[str, tuple[Any, Any]] | None = None,
+    id_name: str = "validation",
+    shift_names: Sequence[str] = (),
+    wise_ft_alphas: Sequence[float] | None = None,
+    eval_batch_size: int = 256,
+    max_eval_samples: int | None = None,
+    skip_corrupt_images: bool = False,
+    dataset_id: str | None = None,
+    model: Any | None = None,
+) -> RunResult:
+    """Fine-tune with SAE-FT (or a baseline), save everything in `output_dir`, evaluate, and optionally push.
+
+    Args:
+        train_dataset / eval_dataset: `datasets` objects with `image` and `label` columns (map-style or streaming).
+        classnames / templates: for the zero-shot head (one class name per label).
+        sae: an SAE to use; otherwise `training_args.sae_name_or_path`, otherwise one is trained on the
+            pre-trained embeddings of `train_dataset` and saved in `output_dir/sae`.
+        eval_sets: `{name: (raw dataset, EvalSetSpec or None)}` evaluated after training (ID validation and
+            shifts; see `saeft_hf.evaluation.load_eval_sets`); results go to `eval_results.json` and the card.
+        id_name / shift_names: which of `eval_sets` is the ID validation set (used to pick the WiSE-FT alpha)
+            and which are shifts (averaged into `avg_shift`).
+        wise_ft_alphas: sweep WiSE-FT over these alphas (weight interpolation; adapter scaling for LoRA).
+        model: a ready classifier (skips `build_model`).
+    """
+    start = time.time()
+    output_dir = training_args.output_dir
+    train_transform, eval_transform = transforms_from_pretrained(model_args.model_name_or_path, seed=training_args.seed)
+    if model is None:
+        model = build_model(model_args, classnames, templates)
+    if training_args.head_init == "linear-probe":
+        init_linear_probe_head(model, train_dataset, eval_transform, model_args.embedding_batch_size)
+
+    needs_sae = training_args.regularizer == "sae_ft" and training_args.regularization_active
+    if needs_sae and sae is None:
+        if training_args.sae_name_or_path:
+            sae = SparseAutoencoder.from_pretrained(training_args.sae_name_or_path)
+        else:
+            sae_dir = os.path.join(output_dir, SAE_SUBFOLDER)
+            if os.path.isfile(os.path.join(sae_dir, "model.safetensors")):
+                sae = SparseAutoencoder.from_pretrained(sae_dir)  # resuming: reuse the SAE trained before
+            else:
+                sae = train_sae_for_model(model, train_dataset, eval_transform, model_args, output_dir=output_dir,
+                                          seed=training_args.seed)
+                sae.save_pretrained(sae_dir)
+
+    pretrained = None
+    if wise_ft_alphas and not training_args.use_lora:
+        pretrained = copy.deepcopy(model).requires_grad_(False)  # theta_0 for WiSE-FT
+    if training_args.use_lora:
+        model = add_lora(
+            model, r=training_args.lora_r, alpha=training_args.lora_alpha, dropout=training_args.lora_dropout,
+            target_modules=training_args.lora_target_modules, use_dora=training_args.use_dora,
+        )
+
+    push = training_args.push_to_hub
+    training_args.push_to_hub = False  # we push model, SAE, results and card together at the end
+    num_labels = len(classnames)
+    trainer = SAEFTTrainer(
+        model=model,
+        args=training_args,
+        sae=sae,
+        train_dataset=with_image_transform(train_dataset, train_transform, skip_corrupt_images=skip_corrupt_images),
+        eval_dataset=(with_image_transform(eval_dataset, eval_transform, skip_corrupt_images=skip_corrupt_images)
+                      if eval_dataset is not None else None),
+        data_collator=ImageClassificationCollator(num_labels=num_labels),
+    )
+    trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
+    trainer.save_model(output_dir)
+    trainer.save_state()
+    if training_args.use_lora and trainer.is_world_process_zero():
+        save_base_config(trainer.model, output_dir)
+
+    results: dict[str, Any] = {}
+    if eval_dataset is not None:
+        results["trainer_eval"] = trainer.evaluate()
+    if eval_sets:
+        def evaluate_fn(m: Any) -> dict[str, float]:
+            accs = evaluate_sets(m, eval_sets, eval_transform, batch_size=eval_batch_size,
+                                 max_samples=max_eval_samples, progress=False)
+            return {**accs, **shift_averages(accs, id_name, [n for n in shift_names if n in accs])}
+
+        results["final"] = evaluate_fn(trainer.model)
+        if wise_ft_alphas:
+            sweep = wise_ft_sweep(pretrained, trainer.model, wise_ft_alphas, evaluate_fn, select_on=id_name)
+            results["wise_ft"] = sweep.to_dict()
+    results["wall_time_s"] = round(time.time() - start, 1)
+
+    if trainer.is_world_process_zero():
+        save_results(os.path.join(output_dir, "eval_results.json"), results)
+        hyper = {
+            "regularizer": training_args.regularizer, "lambda_reg": training_args.lambda_reg,
+            "lambda_add": training_args.lambda_add, "lambda_remove": training_args.lambda_remove,
+            "mu": training_args.mu, "sae_normalize": training_args.sae_normalize,
+            "learning_rate": training_args.learning_rate, "weight_decay": training_args.weight_decay,
+            "use_lora": training_args.use_lora, "head_init": training_args.head_init,
+            "global_steps": trainer.state.global_step,
+        }
+        write_model_card(
+            output_dir,
+            model_name=os.path.basename(os.path.normpath(output_dir)),
+            base_model=model_args.model_name_or_path,
+            results={k: v for k, v in results.get("final", {}).items() if k in eval_sets or k == "avg_shift"},
+            hyperparameters=hyper,
+            dataset_id=dataset_id,
+            is_adapter=training_args.use_lora,
+            repo_id=training_args.hub_model_id,
+        )
+        if push:
+            repo_id = training_args.hub_model_id or os.path.basename(os.path.normpath(output_dir))
+            url = push_run_to_hub(output_dir, repo_id, token=training_args.hub_token,
+                                  private=training_args.hub_private_repo, revision=training_args.hub_revision)
+            logger.info("Pushed to %s", url)
+    return RunResult(trainer=trainer, sae=sae, results=results)
