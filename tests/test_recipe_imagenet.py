@@ -13,7 +13,7 @@ from safetensors.torch import load_file
 from helpers import make_image_folder, make_tiny_clip
 
 ROOT = Path(__file__).resolve().parents[1]
-WNIDS = (ROOT / "saeft_hf" / "data" / "imagenet_wnids.txt").read_text().split()[:4]
+WNIDS = (ROOT / "saeft_hf" / "resources" / "imagenet_wnids.txt").read_text().split()[:4]
 
 
 @pytest.fixture(scope="module")

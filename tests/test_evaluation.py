@@ -1,0 +1,339 @@
+"""saeft_hf.evaluation: logit projections, accuracy on tiny real models, specs, WiSE-FT (full and LoRA/DoRA)."""
+
+from __future__ import annotations
+
+import copy
+import io
+import json
+import os
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # before any Hugging Face import
+
+import datasets  # noqa: E402
+import numpy as np  # noqa: E402
+import PIL.Image  # noqa: E402
+import pytest  # noqa: E402
+import torch  # noqa: E402
+from peft import LoraConfig, get_peft_model  # noqa: E402
+from transformers import ViTConfig, ViTForImageClassification  # noqa: E402
+
+from saeft_hf.data import BorderCrop, CLIPImageTransform  # noqa: E402
+from saeft_hf.evaluation import (  # noqa: E402
+    IMAGENET_TEMPLATES,
+    EvalSetSpec,
+    WiseFTResult,
+    default_imagenet_eval_specs,
+    evaluate_accuracy,
+    evaluate_sets,
+    imagenet_a_indices,
+    imagenet_classnames,
+    imagenet_r_indices,
+    imagenet_wnids,
+    interpolate_state_dicts,
+    load_eval_dataset,
+    load_eval_specs,
+    objectnet_class_groups,
+    objectnet_folders,
+    project_logits,
+    results_to_json,
+    scale_lora,
+    shift_averages,
+    wise_ft,
+    wise_ft_sweep,
+)
+
+REPO = Path(__file__).resolve().parents[1]
+MEAN3, STD3 = (0.5, 0.5, 0.5), (0.25, 0.25, 0.25)
+
+
+def tiny_vit(num_labels: int, seed: int = 0) -> ViTForImageClassification:
+    torch.manual_seed(seed)
+    config = ViTConfig(image_size=16, patch_size=8, num_channels=3, hidden_size=16, num_hidden_layers=1,
+                       num_attention_heads=2, intermediate_size=16, num_labels=num_labels)
+    return ViTForImageClassification(config).eval()
+
+
+def png_dataset(n: int, num_labels: int, seed: int = 0) -> datasets.Dataset:
+    rng = np.random.default_rng(seed)
+    images = []
+    for i in range(n):
+        buf = io.BytesIO()
+        PIL.Image.fromarray(rng.integers(0, 256, (20 + i % 3, 22, 3), dtype=np.uint8)).save(buf, format="PNG")
+        images.append({"bytes": buf.getvalue(), "path": f"img{i}.png"})
+    features = datasets.Features({"image": datasets.Image(decode=False), "label": datasets.Value("int64")})
+    return datasets.Dataset.from_dict({"image": images, "label": rng.integers(0, num_labels, n).tolist()},
+                                      features=features)
+
+
+def manual_accuracy(model, ds, transform, spec=None) -> float:
+    with torch.no_grad():
+        x = torch.stack([transform(ex["image"]) for ex in ds])
+        logits = model(pixel_values=x).logits
+    if spec is not None and spec.kind == "subset":
+        logits = logits[:, spec.indices()]
+    elif spec is not None and spec.kind == "grouped":
+        logits = torch.stack([logits[:, g].max(dim=1).values for g in spec.groups()], dim=1)
+    return float((logits.argmax(1).numpy() == np.asarray(ds["label"][:])).mean())
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Class lists
+# ------------------------------------------------------------------------------------------------------------------
+
+
+def test_class_lists_are_consistent() -> None:
+    assert len(imagenet_wnids()) == len(imagenet_classnames()) == 1000
+    assert imagenet_wnids() == sorted(imagenet_wnids()) and imagenet_wnids()[0] == "n01440764"
+    for indices in (imagenet_r_indices(), imagenet_a_indices()):
+        assert len(indices) == 200 and indices == sorted(set(indices)) and 0 <= indices[0] and indices[-1] < 1000
+    groups, folders = objectnet_class_groups(), objectnet_folders()
+    assert len(groups) == len(folders) == 113 and folders == sorted(folders)
+    assert all(g and all(0 <= i < 1000 for i in g) for g in groups)
+    assert len(IMAGENET_TEMPLATES) == 80 and all(t.count("{}") == 1 for t in IMAGENET_TEMPLATES)
+    assert IMAGENET_TEMPLATES[0] == "a bad photo of a {}." and IMAGENET_TEMPLATES[-1] == "a tattoo of the {}."
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Logit projection
+# ------------------------------------------------------------------------------------------------------------------
+
+
+def test_project_logits_subset_and_grouped_by_hand() -> None:
+    logits = torch.tensor([[0.0, 5.0, 1.0, 9.0, 2.0, 3.0], [4.0, 0.0, 8.0, 1.0, 7.0, 6.0]])
+    subset = EvalSetSpec(name="s", dataset_name="x", kind="subset", class_indices=[1, 3, 4])
+    assert project_logits(logits, subset).tolist() == [[5.0, 9.0, 2.0], [0.0, 1.0, 7.0]]
+    grouped = EvalSetSpec(name="g", dataset_name="x", kind="grouped", class_groups=[[0, 5], [2], [1, 3, 4]])
+    assert project_logits(logits, grouped).tolist() == [[3.0, 1.0, 9.0], [6.0, 8.0, 7.0]]
+    assert project_logits(logits, None) is logits
+    assert project_logits(logits, EvalSetSpec(name="f", dataset_name="x")) is logits
+
+
+def test_project_logits_named_lists_and_head_size_error() -> None:
+    logits = torch.randn(3, 1000)
+    r = project_logits(logits, EvalSetSpec(name="r", dataset_name="x", kind="subset", class_indices="imagenet_r"))
+    torch.testing.assert_close(r, logits[:, imagenet_r_indices()])
+    spec = EvalSetSpec(name="o", dataset_name="x", kind="grouped", class_groups="objectnet")
+    o = project_logits(logits, spec)
+    assert o.shape == (3, 113)
+    torch.testing.assert_close(o[:, 0], logits[:, objectnet_class_groups()[0]].max(dim=1).values)
+    with pytest.raises(ValueError, match="returns 10 logits"):
+        project_logits(torch.randn(2, 10), spec)
+
+
+def test_spec_validation_and_yaml() -> None:
+    with pytest.raises(ValueError, match="needs class_indices"):
+        EvalSetSpec(name="a", dataset_name="x", kind="subset")
+    with pytest.raises(ValueError, match="sorted and unique"):
+        EvalSetSpec(name="a", dataset_name="x", kind="subset", class_indices=[3, 1])
+    with pytest.raises(ValueError, match="not a known class list"):
+        EvalSetSpec(name="a", dataset_name="x", kind="subset", class_indices="imagenet_z")
+    with pytest.raises(ValueError, match="no source"):
+        EvalSetSpec(name="a")
+    with pytest.raises(ValueError, match=r"Unknown EvalSetSpec field\(s\) \['splt'\]"):
+        EvalSetSpec.from_dict({"name": "a", "dataset_name": "x", "splt": "test"})
+    yaml_specs = load_eval_specs(REPO / "recipes/configs/imagenet_eval_sets.yaml")
+    assert [s.to_dict() for s in yaml_specs] == [s.to_dict() for s in default_imagenet_eval_specs()]
+    assert [s.name for s in yaml_specs if s.role == "id"] == ["imagenet"]
+    assert {s.name: s.num_classes for s in yaml_specs}["objectnet"] == 113
+    with pytest.raises(ValueError, match="Duplicate"):
+        load_eval_specs([{"name": "a", "dataset_name": "x"}, {"name": "a", "dataset_name": "y"}])
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Accuracy
+# ------------------------------------------------------------------------------------------------------------------
+
+
+def test_evaluate_accuracy_matches_manual_computation() -> None:
+    model = tiny_vit(num_labels=4).train()  # evaluate_accuracy must switch to eval and back
+    ds = png_dataset(11, num_labels=4)
+    tf = CLIPImageTransform(16, MEAN3, STD3, train=False)
+    model.eval()
+    expected = manual_accuracy(model, ds, tf)
+    model.train()
+    acc = evaluate_accuracy(model, ds, tf, batch_size=4, progress=False)
+    assert acc == pytest.approx(expected) and model.training
+    assert evaluate_accuracy(model, ds.to_iterable_dataset(), tf, batch_size=5, progress=False) == pytest.approx(acc)
+    first5 = manual_accuracy(model.eval(), ds.select(range(5)), tf)
+    assert evaluate_accuracy(model, ds, tf, max_samples=5, progress=False) == pytest.approx(first5)
+
+
+def test_evaluate_accuracy_with_subset_and_grouped_specs() -> None:
+    model = tiny_vit(num_labels=1000, seed=1)
+    tf = CLIPImageTransform(16, MEAN3, STD3, train=False)
+    subset = EvalSetSpec(name="sub", dataset_name="x", kind="subset", class_indices=[0, 5, 9])
+    ds = png_dataset(9, num_labels=3, seed=2)
+    assert evaluate_accuracy(model, ds, tf, spec=subset, batch_size=4, progress=False) == pytest.approx(
+        manual_accuracy(model, ds, tf, subset))
+    grouped = EvalSetSpec(name="grp", dataset_name="x", kind="grouped", class_groups=[[1, 2], [3], [4, 5, 6]],
+                          crop_border=2)
+    expected = manual_accuracy(model, ds, BorderCrop(tf, 2), grouped)
+    results = evaluate_sets(model, {"sub": (ds, subset), "grp": (ds, grouped)}, tf, batch_size=4, progress=False)
+    assert results["grp"] == pytest.approx(expected)
+    bad = png_dataset(3, num_labels=1, seed=3).map(lambda ex: {"label": 7})
+    with pytest.raises(ValueError, match="Label 7 is outside"):
+        evaluate_accuracy(model, bad, tf, spec=subset, progress=False)
+
+
+def test_load_eval_dataset_aligns_wnid_and_objectnet_folders(tmp_path: Path) -> None:
+    wnids, r_indices = imagenet_wnids(), imagenet_r_indices()
+    picks = [r_indices[3], r_indices[150]]  # two ImageNet-R classes; a partial copy must keep their positions
+    for i, index in enumerate(picks):
+        (tmp_path / "r" / wnids[index]).mkdir(parents=True)
+        PIL.Image.new("RGB", (8, 8), (i, 0, 0)).save(tmp_path / "r" / wnids[index] / "x.png")
+    spec = EvalSetSpec(name="imagenet_r", data_dir=str(tmp_path / "r"), kind="subset", class_indices="imagenet_r")
+    ds = load_eval_dataset(spec, cache_dir=str(tmp_path / "cache"))
+    assert sorted(ds["label"][:]) == [3, 150]
+    full = EvalSetSpec(name="val", data_dir=str(tmp_path / "r"))
+    assert sorted(load_eval_dataset(full, cache_dir=str(tmp_path / "cache"))["label"][:]) == sorted(picks)
+
+    folders = objectnet_folders()
+    for name in (folders[0], "not_in_imagenet", folders[112]):
+        (tmp_path / "on" / name).mkdir(parents=True)
+        PIL.Image.new("RGB", (8, 8)).save(tmp_path / "on" / name / "x.png")
+    on = EvalSetSpec(name="objectnet", data_dir=str(tmp_path / "on"), kind="grouped", class_groups="objectnet",
+                     class_folders="objectnet", crop_border=2)
+    for streaming in (False, True):
+        ds = load_eval_dataset(on, streaming=streaming, cache_dir=str(tmp_path / "cache"))
+        assert sorted(ex["label"] for ex in ds) == [0, 112]  # the unmapped folder is dropped
+
+
+def test_shift_averages() -> None:
+    results = {"imagenet": 0.8, "imagenetv2": 0.7, "imagenet_r": 0.6, "imagenet_sketch": 0.5, "objectnet": 0.4,
+               "imagenet_a": 0.3}
+    out = shift_averages(results)
+    assert out["id"] == 0.8 and out["num_shifts"] == 5
+    assert out["avg_shift"] == pytest.approx(0.5)
+    assert out["avg_shift_no_objectnet"] == pytest.approx(0.525)
+    partial = shift_averages({"imagenet": 0.8, "imagenetv2": 0.7, "imagenet_r": 0.5})
+    assert partial["avg_shift"] == pytest.approx(0.6) and "avg_shift_no_objectnet" not in partial
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# WiSE-FT
+# ------------------------------------------------------------------------------------------------------------------
+
+
+def test_interpolate_state_dicts_exact_and_pure() -> None:
+    theta0 = {"w": torch.zeros(3), "h": torch.full((2,), 2.0, dtype=torch.bfloat16), "steps": torch.tensor(5)}
+    theta1 = {"w": torch.full((3,), 2.0), "h": torch.full((2,), 4.0, dtype=torch.bfloat16), "steps": torch.tensor(9)}
+    before = copy.deepcopy((theta0, theta1))
+    at0, at1, mid = (interpolate_state_dicts(theta0, theta1, a) for a in (0.0, 1.0, 0.5))
+    assert torch.equal(at0["w"], theta0["w"]) and torch.equal(at0["h"], theta0["h"])
+    assert torch.equal(at1["w"], theta1["w"]) and torch.equal(at1["h"], theta1["h"])
+    assert mid["w"].tolist() == [1.0, 1.0, 1.0] and mid["h"].tolist() == [3.0, 3.0]
+    assert mid["h"].dtype == torch.bfloat16
+    assert all(int(d["steps"]) == 9 for d in (at0, at1, mid))  # non-float buffers come from theta1
+    assert at1["w"].data_ptr() != theta1["w"].data_ptr()  # new tensors
+    for orig, now in zip(before, (theta0, theta1)):
+        assert all(torch.equal(orig[k], now[k]) for k in orig)
+    with pytest.raises(ValueError, match="different keys"):
+        interpolate_state_dicts({"w": torch.zeros(3)}, {"v": torch.zeros(3)}, 0.5)
+    with pytest.raises(ValueError, match="shape"):
+        interpolate_state_dicts({"w": torch.zeros(3)}, {"w": torch.zeros(4)}, 0.5)
+
+
+def test_wise_ft_full_models() -> None:
+    pre, ft = tiny_vit(4, seed=0), tiny_vit(4, seed=1)
+    ft_before = {k: v.clone() for k, v in ft.state_dict().items()}
+    for alpha, target in ((0.0, pre), (1.0, ft)):
+        model = wise_ft(pre, ft, alpha)
+        assert model is not ft
+        assert all(torch.equal(v, target.state_dict()[k]) for k, v in model.state_dict().items())
+    half = wise_ft(pre, ft, 0.5).state_dict()
+    key = "classifier.weight"
+    torch.testing.assert_close(half[key], (pre.state_dict()[key] + ft.state_dict()[key]) / 2)
+    assert all(torch.equal(v, ft_before[k]) for k, v in ft.state_dict().items())
+
+
+def _lora_model(use_dora: bool) -> tuple[torch.nn.Module, torch.nn.Module]:
+    """(frozen copy of the base model, LoRA/DoRA PeftModel with a non-zero delta and a changed head copy)."""
+    base = tiny_vit(4, seed=2)
+    reference = copy.deepcopy(base)
+    config = LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj", "v_proj", "fc1"], init_lora_weights=False,
+                        modules_to_save=["classifier"], use_dora=use_dora)
+    peft_model = get_peft_model(base, config).eval()
+    with torch.no_grad():
+        for name, p in peft_model.named_parameters():
+            if "modules_to_save" in name:
+                p.add_(0.5)  # the fine-tuned head differs from the original
+    return reference, peft_model
+
+
+@pytest.mark.parametrize("use_dora", [False, True])
+def test_scale_lora_interpolates_between_base_and_adapter(use_dora: bool) -> None:
+    reference, peft_model = _lora_model(use_dora)
+    x = torch.randn(3, 3, 16, 16, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        base_out = reference(pixel_values=x).logits
+        adapter_out = peft_model(pixel_values=x).logits
+        state_before = {k: v.clone() for k, v in peft_model.state_dict().items()}
+        assert not torch.allclose(base_out, adapter_out, atol=1e-3)
+        with scale_lora(peft_model, 0.0):
+            torch.testing.assert_close(peft_model(pixel_values=x).logits, base_out, rtol=0, atol=1e-5)
+        with scale_lora(peft_model, 1.0):
+            torch.testing.assert_close(peft_model(pixel_values=x).logits, adapter_out, rtol=0, atol=1e-5)
+        with scale_lora(peft_model, 0.5):
+            half_out = peft_model(pixel_values=x).logits
+        assert not torch.allclose(half_out, base_out, atol=1e-4) and not torch.allclose(half_out, adapter_out,
+                                                                                        atol=1e-4)
+        assert torch.equal(peft_model(pixel_values=x).logits, adapter_out)  # restored exactly
+        assert all(torch.equal(v, state_before[k]) for k, v in peft_model.state_dict().items())
+        merged = wise_ft(None, peft_model, 0.5)  # a plain model equal to the in-place interpolation
+        assert type(merged) is ViTForImageClassification
+        torch.testing.assert_close(merged(pixel_values=x).logits, half_out, rtol=0, atol=1e-5)
+        assert torch.equal(peft_model(pixel_values=x).logits, adapter_out)
+
+
+def test_scale_lora_rejects_merged_adapters() -> None:
+    _, peft_model = _lora_model(False)
+    peft_model.merge_adapter()
+    with pytest.raises(ValueError, match="unmerge_adapter"):
+        with scale_lora(peft_model, 0.5):
+            pass
+
+
+def test_wise_ft_sweep_selects_on_the_given_set() -> None:
+    pre, ft = tiny_vit(4, seed=0), tiny_vit(4, seed=1)
+    w0, w1 = pre.classifier.weight.detach().clone(), ft.classifier.weight.detach().clone()
+
+    def evaluate_fn(model: torch.nn.Module) -> dict[str, float]:
+        w = model.classifier.weight.detach()
+        # "val" peaks at alpha 0.25, "shift" at 0.75: the sweep must follow select_on only.
+        return {"val": -float((w - torch.lerp(w0, w1, 0.25)).norm()),
+                "shift": -float((w - torch.lerp(w0, w1, 0.75)).norm())}
+
+    alphas = [0.0, 0.25, 0.5, 0.75, 1.0]
+    result = wise_ft_sweep(pre, ft, alphas, evaluate_fn, select_on="val")
+    assert isinstance(result, WiseFTResult) and result.alphas == alphas and len(result.results) == 5
+    assert result.best_alpha == 0.25 and result.best_results == result.results[1]
+    assert wise_ft_sweep(pre, ft, alphas, evaluate_fn, select_on="shift").best_alpha == 0.75
+    assert torch.equal(ft.classifier.weight, w1)
+    with pytest.raises(ValueError, match="select_on='nope'"):
+        wise_ft_sweep(pre, ft, [0.5], evaluate_fn, select_on="nope")
+
+    reference, peft_model = _lora_model(False)
+    x = torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad(), scale_lora(peft_model, 0.5):
+        target = peft_model(pixel_values=x).logits
+
+    def lora_eval(model: torch.nn.Module) -> dict[str, float]:
+        with torch.no_grad():
+            return {"val": -float((model(pixel_values=x).logits - target).abs().max())}
+
+    assert wise_ft_sweep(None, peft_model, [0.0, 0.5, 1.0], lora_eval, select_on="val").best_alpha == 0.5
+
+
+def test_results_to_json_is_atomic_and_serialises(tmp_path: Path) -> None:
+    path = tmp_path / "out" / "results.json"
+    sweep = WiseFTResult(alphas=[0.0, 1.0], results=[{"val": 0.5}, {"val": 0.6}], best_alpha=1.0, select_on="val")
+    results_to_json(path, {"imagenet": np.float32(0.75), "sweep": sweep}, extra={"model": "tiny", "seed": 0})
+    data = json.loads(path.read_text())
+    assert data["model"] == "tiny" and data["results"]["imagenet"] == 0.75
+    assert data["results"]["sweep"]["best_alpha"] == 1.0
+    results_to_json(path, {"imagenet": 0.8})
+    assert json.loads(path.read_text()) == {"results": {"imagenet": 0.8}}
+    assert sorted(p.name for p in path.parent.iterdir()) == ["results.json"]  # no temp files left
+    with pytest.raises(ValueError, match="'results'"):
+        results_to_json(path, {}, extra={"results": 1})
