@@ -1,0 +1,1291 @@
+"""What did fine-tuning change? Added and removed SAE features, per image, per feature and per class.
+
+SAE-FT (arXiv 2605.15961) makes fine-tuning readable as a list of SAE features that appeared or disappeared. This
+module measures that list for any fine-tuned model (full checkpoint or LoRA adapter) against the pre-trained one, on
+any labelled image dataset, and turns it into a JSON file and one self-contained HTML report.
+
+The pieces, in the order data flows through them::
+
+    z0, labels = embeddings of the pre-trained model         [N, d]   (compute_embeddings, eval transform)
+    z          = embeddings of the fine-tuned model           [N, d]   (same images, same order)
+    report     = compare_codes(sae, z0, z, labels)             FeatureChangeReport (pure function of embeddings)
+    describe_with_text(report, sae, build_text_vocabulary(clip, tokenizer, classnames, templates))
+    write_report({"FT": report_ft, "SAE-FT": report_saeft}, "report.html", dataset=raw_dataset)
+
+`compute_feature_changes` does the first three steps for one model; `interpret_runs` does everything for one or more
+fine-tuned models (the pre-trained embeddings are computed once) and writes JSON, grid PNGs and `report.html`.
+
+Definitions (codes `s0 = SAE(z0)` and `s = SAE(z)`, both [N, F]; "active" means a non-zero code):
+
+- ``added[i, j]   = (s[i, j] != 0) & (s0[i, j] == 0)``: feature j is active on image i after fine-tuning only.
+- ``removed[i, j] = (s0[i, j] != 0) & (s[i, j] == 0)``: active before only.
+- Per feature: ``added_count[j] = sum_i added[i, j]`` (images), ``added_mean_abs[j]`` = mean of ``|s[i, j]|`` over
+  those images, and the same for removal with ``|s0[i, j]|``. Features are ranked by their *mass*, count times
+  mean |activation| (= the summed |activation| that appeared or vanished), so a feature added often but weakly and
+  one added rarely but strongly are both visible; ties go to the larger count.
+- Per image: ``added_per_image = mean_i sum_j added[i, j]``. For TopK SAEs (exactly k active codes per image) the
+  numbers added and removed per image are equal (every addition displaces a feature); the *distinct* features
+  added and removed differ, and that is the interesting part.
+- ``frequency_before[j]``: fraction of images where feature j is active in ``s0``; ``mean_activation_before[j]``:
+  mean signed code over those images (0 if never active). Same for "after".
+- FVU (fraction of variance unexplained) of the SAE's reconstruction of its inputs, ``sum ||x - x_hat||^2 /
+  sum ||x - mean(x)||^2``, for the pre-trained inputs (how good the dictionary is) and for the fine-tuned inputs
+  (how much of the new embedding the pre-trained dictionary can still express).
+- Linear CKA between the raw pre-trained and fine-tuned embeddings (1 = same geometry up to rotation and scale).
+
+Input regime (which vectors the SAE sees), chosen by ``normalize``:
+
+- ``None`` (default): ``sae.preprocess(z)``, exactly how the SAE was trained (unit L2 norm for the paper's SAE),
+  i.e. what ``sae(z)`` does. This is the regime in which the SAE's features mean what they were trained to mean, so it
+  is the right one to *read* a change, whatever regime the penalty used during training.
+- ``True``: ``z / |z|`` regardless of the SAE's config (the penalty's ``normalize=True``).
+- ``False``: raw ``z``, as the reference penalty feeds the SAE (``sae_ft_penalty(normalize=False)``); useful to see
+  exactly the codes the training penalty saw. FVU is then measured on raw vectors too.
+
+Nothing here trains or changes a model. matplotlib (bar charts only) is imported lazily; without it the report is
+written without charts.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+import json
+import logging
+import math
+import os
+import re
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import datasets
+import numpy as np
+import PIL.Image
+import PIL.ImageDraw
+import PIL.ImageFont
+import PIL.ImageOps
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm.auto import tqdm
+
+from .data import AnyDataset, decode_image, transforms_from_pretrained, with_image_transform
+from .embeddings import compute_embeddings
+from .lora import load_classifier
+from .modeling import SAEFTCLIPForImageClassification
+from .sae import SAEMismatchError, SparseAutoencoder
+from .zeroshot import zeroshot_text_embeddings
+
+__all__ = [
+    "ClassChange",
+    "FeatureChange",
+    "FeatureChangeReport",
+    "TextVocabulary",
+    "build_text_vocabulary",
+    "compare_codes",
+    "compute_feature_changes",
+    "describe_with_text",
+    "feature_grid",
+    "feature_image_strip",
+    "fraction_of_variance_unexplained",
+    "interpret_runs",
+    "linear_cka",
+    "load_model_for_interpretation",
+    "plot_class_changes",
+    "plot_feature_counts",
+    "sae_inputs",
+    "write_report",
+]
+
+logger = logging.getLogger(__name__)
+
+REPORT_FILENAME = "report.html"
+CHANGES_FILENAME = "feature_changes.json"
+RANK_BY: tuple[str, ...] = ("mass", "count", "strength")
+DIRECTIONS: tuple[str, ...] = ("added", "removed")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The report
+# ----------------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class FeatureChange:
+    """One SAE feature that fine-tuning added (or removed), with what describes it.
+
+    Attributes:
+        feature: latent index j in [0, d_sae).
+        direction: "added" (active after, inactive before) or "removed" (active before, inactive after).
+        count: images on which the change happened.
+        image_fraction: count / number of images.
+        mean_abs_activation: mean |code| over those images (the after-code for added, the before-code for removed).
+        mean_signed_activation: mean signed code over those images (its sign says which way the atom points).
+        mass: count * mean_abs_activation, the ranking score by default.
+        frequency_before / frequency_after: fraction of all images where the feature is active.
+        mean_activation_before / mean_activation_after: mean signed code over the images where it is active.
+        example_indices / example_activations: dataset rows where the change happened, strongest |code| first.
+        exemplar_indices / exemplar_activations: dataset rows where the *pre-trained* model activates the feature
+            most (|code|), i.e. what the feature meant before fine-tuning.
+        top_classes: [label, count] of the classes on which the change happened most often.
+        text: prompts whose text embedding aligns best with the (signed) decoder atom, filled by
+            `describe_with_text`: [{"prompt", "cosine", "kind"}], best first.
+    """
+
+    feature: int
+    direction: str
+    count: int
+    image_fraction: float
+    mean_abs_activation: float
+    mean_signed_activation: float
+    mass: float
+    frequency_before: float
+    frequency_after: float
+    mean_activation_before: float
+    mean_activation_after: float
+    example_indices: list[int] = field(default_factory=list)
+    example_activations: list[float] = field(default_factory=list)
+    exemplar_indices: list[int] = field(default_factory=list)
+    exemplar_activations: list[float] = field(default_factory=list)
+    top_classes: list[list[int]] = field(default_factory=list)
+    text: list[dict[str, Any]] = field(default_factory=list)
+
+
+@dataclass
+class ClassChange:
+    """The change on the images of one label.
+
+    Attributes:
+        label / name: the class.
+        n_images: images of this class analysed.
+        added_per_image / removed_per_image: mean number of features added / removed per image of the class.
+        top_added / top_removed: [{"feature", "count", "fraction"}] most frequent changes within the class
+            (fraction = count / n_images).
+    """
+
+    label: int
+    name: str
+    n_images: int
+    added_per_image: float
+    removed_per_image: float
+    top_added: list[dict[str, Any]] = field(default_factory=list)
+    top_removed: list[dict[str, Any]] = field(default_factory=list)
+
+
+@dataclass
+class FeatureChangeReport:
+    """Everything `compare_codes` measured; `to_dict()` is JSON-serialisable and `from_dict` reads it back.
+
+    Headline numbers (see the module docstring for exact definitions): `added_per_image`, `removed_per_image`,
+    `images_with_added` / `images_with_removed` (fractions of images with at least one change), `distinct_added` /
+    `distinct_removed` (features added / removed on at least one image), `fvu_before` / `fvu_after` (None when the
+    inputs have no variance), `cka` (None when undefined), `active_per_image_before` / `_after` (L0).
+
+    Per-feature arrays (length d_sae): `frequency_before/after`, `mean_activation_before/after`, `added_count`,
+    `removed_count`, `added_mean_abs`, `removed_mean_abs` (0 where the count is 0).
+
+    Ranked lists: `top_added`, `top_removed` (FeatureChange, at most `top_features` each, only features with a
+    non-zero count). `per_class`: one ClassChange per label present. `metadata`: free-form provenance (models,
+    SAE, dataset) added by the callers.
+    """
+
+    n_images: int
+    d_sae: int
+    k: int | None
+    input_regime: str
+    rank_by: str
+    added_per_image: float
+    removed_per_image: float
+    images_with_added: float
+    images_with_removed: float
+    distinct_added: int
+    distinct_removed: int
+    fvu_before: float | None
+    fvu_after: float | None
+    cka: float | None
+    active_per_image_before: float
+    active_per_image_after: float
+    frequency_before: list[float]
+    frequency_after: list[float]
+    mean_activation_before: list[float]
+    mean_activation_after: list[float]
+    added_count: list[int]
+    removed_count: list[int]
+    added_mean_abs: list[float]
+    removed_mean_abs: list[float]
+    top_added: list[FeatureChange] = field(default_factory=list)
+    top_removed: list[FeatureChange] = field(default_factory=list)
+    per_class: list[ClassChange] = field(default_factory=list)
+    class_names: list[str] | None = None
+    metadata: dict[str, Any] = field(default_factory=dict)
+
+    SUMMARY_KEYS = (
+        "n_images", "added_per_image", "removed_per_image", "images_with_added", "images_with_removed",
+        "distinct_added", "distinct_removed", "fvu_before", "fvu_after", "cka",
+    )
+
+    def summary(self) -> dict[str, Any]:
+        """The headline numbers as a flat dict (what the HTML summary table and the recipe print)."""
+        return {key: getattr(self, key) for key in self.SUMMARY_KEYS}
+
+    def top(self, direction: str) -> list[FeatureChange]:
+        """`top_added` or `top_removed`."""
+        if direction not in DIRECTIONS:
+            raise ValueError(f"direction must be one of {DIRECTIONS}, got {direction!r}.")
+        return self.top_added if direction == "added" else self.top_removed
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-serialisable dict (plain Python numbers, lists and strings only)."""
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> FeatureChangeReport:
+        """Rebuild a report from `to_dict()` output (e.g. a saved `feature_changes.json`)."""
+        data = dict(data)
+        for key in ("top_added", "top_removed"):
+            data[key] = [FeatureChange(**item) for item in data.get(key, [])]
+        data["per_class"] = [ClassChange(**item) for item in data.get("per_class", [])]
+        return cls(**data)
+
+    def save_json(self, path: str | Path) -> Path:
+        """Write `to_dict()` as JSON (atomically: a crash never leaves a truncated file). Returns the path."""
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.tmp")
+        # allow_nan=False: a NaN would make the file invalid JSON for strict readers; undefined numbers are None.
+        tmp.write_text(json.dumps(self.to_dict(), indent=1, allow_nan=False), encoding="utf-8")
+        os.replace(tmp, path)
+        return path
+
+    @classmethod
+    def load_json(cls, path: str | Path) -> FeatureChangeReport:
+        return cls.from_dict(json.loads(Path(path).read_text(encoding="utf-8")))
+
+    def remap_indices(self, rows: Sequence[int]) -> None:
+        """Replace image positions p by `rows[p]` in every example/exemplar list, in place.
+
+        Used when the embeddings were computed on a subset (`max_samples`): positions in the subset become row
+        indices of the dataset the caller passed in.
+        """
+        lookup = list(rows)
+        for change in (*self.top_added, *self.top_removed):
+            change.example_indices = [int(lookup[i]) for i in change.example_indices]
+            change.exemplar_indices = [int(lookup[i]) for i in change.exemplar_indices]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Metrics on embeddings
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def sae_inputs(sae: SparseAutoencoder, z: torch.Tensor, normalize: bool | None = None) -> torch.Tensor:
+    """The vectors the SAE encodes for embeddings `z` [N, d] -> [N, d] (see "Input regime" in the module docs).
+
+    normalize: None -> `sae.preprocess(z)` (the SAE's training regime); True -> `z / |z|`; False -> raw `z`.
+    """
+    if normalize is None:
+        return sae.preprocess(z)
+    if normalize:
+        return F.normalize(z, dim=-1, eps=1e-8)
+    return z
+
+
+def _regime_name(sae: SparseAutoencoder, normalize: bool | None) -> str:
+    if normalize is None:
+        return f"sae.preprocess ({sae.config.input_normalization})"
+    return "unit_norm" if normalize else "raw"
+
+
+def fraction_of_variance_unexplained(sae: SparseAutoencoder, x: torch.Tensor, *, chunk_size: int = 4096) -> float | None:
+    """FVU of the SAE on inputs `x` [N, d_in] *as given* (no preprocessing): sum sq. error / sum sq. deviation.
+
+    Equals the FVU of `sae(z)` when `x = sae.preprocess(z)`. Returns None when `x` has no variance (N = 1 or
+    identical rows), where FVU is undefined.
+    """
+    x = x.float()
+    total = float(((x.double() - x.double().mean(0)) ** 2).sum())
+    if total <= 0.0:
+        return None
+    device = sae.W_enc.device
+    error = 0.0
+    with torch.no_grad():
+        for start in range(0, x.shape[0], chunk_size):
+            chunk = x[start:start + chunk_size].to(device)
+            error += float(((chunk - sae.decode(sae.encode(chunk))).double() ** 2).sum())
+    return error / total
+
+
+def linear_cka(x: torch.Tensor, y: torch.Tensor) -> float | None:
+    """Linear centred kernel alignment between x [N, d1] and y [N, d2] (Kornblith et al., 2019).
+
+    ``CKA = ||Yc^T Xc||_F^2 / (||Xc^T Xc||_F ||Yc^T Yc||_F)`` with column-centred Xc, Yc; 1 for identical
+    representations, invariant to orthogonal transforms and isotropic scaling of either side. Computed in float64
+    on feature-space Gram matrices ([d, d], so memory does not grow with N). None if either side is constant.
+    """
+    if x.dim() != 2 or y.dim() != 2 or x.shape[0] != y.shape[0]:
+        raise ValueError(f"linear_cka needs x [N, d1] and y [N, d2] with the same N; got {tuple(x.shape)} and "
+                         f"{tuple(y.shape)}.")
+    xc = x.double() - x.double().mean(0)
+    yc = y.double() - y.double().mean(0)
+    cross = torch.linalg.matrix_norm(yc.T @ xc) ** 2
+    norm_x = torch.linalg.matrix_norm(xc.T @ xc)
+    norm_y = torch.linalg.matrix_norm(yc.T @ yc)
+    if float(norm_x) == 0.0 or float(norm_y) == 0.0:
+        return None
+    return float(cross / (norm_x * norm_y))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# compare_codes: the pure function on embeddings
+# ----------------------------------------------------------------------------------------------------------------
+
+
+class _TopRows:
+    """Running per-feature top-n rows by score over chunks: keeps values and row indices [n, F]."""
+
+    def __init__(self, n: int, d_sae: int) -> None:
+        self.n = n
+        self.values = torch.full((n, d_sae), -math.inf)
+        self.rows = torch.full((n, d_sae), -1, dtype=torch.long)
+
+    def update(self, scores: torch.Tensor, offset: int) -> None:
+        """scores [b, F] on CPU, -inf where the row is not a candidate; rows are numbered from `offset`."""
+        if self.n == 0:
+            return
+        b, d_sae = scores.shape
+        rows = torch.arange(offset, offset + b).unsqueeze(1).expand(b, d_sae)
+        values = torch.cat([self.values, scores])
+        all_rows = torch.cat([self.rows, rows])
+        top = values.topk(self.n, dim=0)  # n <= n + b always
+        self.values = top.values
+        self.rows = all_rows.gather(0, top.indices)
+
+    def get(self, feature: int) -> tuple[list[int], list[float]]:
+        keep = torch.isfinite(self.values[:, feature])
+        return self.rows[keep, feature].tolist(), [float(v) for v in self.values[keep, feature]]
+
+
+def _rank(score: np.ndarray, count: np.ndarray, top: int) -> list[int]:
+    """Indices of features with count > 0, by score desc, then count desc, then index asc (deterministic)."""
+    candidates = np.flatnonzero(count > 0)
+    order = np.lexsort((candidates, -count[candidates], -score[candidates]))
+    return [int(j) for j in candidates[order][:top]]
+
+
+def _safe_div(num: np.ndarray, den: np.ndarray) -> np.ndarray:
+    return np.divide(num, den, out=np.zeros_like(num, dtype=np.float64), where=den > 0)
+
+
+@torch.no_grad()
+def compare_codes(
+    sae: SparseAutoencoder,
+    z_before: torch.Tensor,
+    z_after: torch.Tensor,
+    labels: torch.Tensor | Sequence[int] | None = None,
+    *,
+    normalize: bool | None = None,
+    class_names: Sequence[str] | None = None,
+    top_features: int = 20,
+    top_images: int = 8,
+    top_class_features: int = 5,
+    rank_by: str = "mass",
+    chunk_size: int = 4096,
+    progress: bool = False,
+) -> FeatureChangeReport:
+    """Compare the SAE codes of pre-trained embeddings `z_before` [N, d] and fine-tuned `z_after` [N, d].
+
+    Rows must be the same images in the same order. Counting is exactly the module docstring's definitions, e.g.
+    ``added_count == ((s != 0) & (s0 == 0)).sum(0)`` with ``s0 = sae.encode(sae_inputs(sae, z_before, normalize))``.
+
+    Args:
+        sae: the SAE trained on the pre-trained model's representation (width d). Used in eval mode, unchanged.
+        labels: [N] integer labels for the per-class breakdown (None: no breakdown).
+        normalize: input regime (None = the SAE's own preprocessing; see module docs).
+        class_names: names for labels 0..C-1 (defaults to the label numbers).
+        top_features: how many added and how many removed features to report in detail.
+        top_images: example / exemplar images kept per reported feature.
+        top_class_features: top added / removed features listed per class.
+        rank_by: "mass" (count x mean |activation|, default), "count" (images), or "strength" (mean |activation|).
+        chunk_size: rows encoded at a time ([chunk, d_sae] codes in memory, never [N, d_sae]).
+
+    Raises:
+        SAEMismatchError: the embeddings' width is not the SAE's d_in.
+        ValueError: shapes or arguments that do not fit.
+    """
+    if rank_by not in RANK_BY:
+        raise ValueError(f"rank_by must be one of {RANK_BY}, got {rank_by!r}.")
+    if z_before.dim() != 2 or z_before.shape != z_after.shape:
+        raise ValueError(f"z_before and z_after must both be [N, d] with the same shape; got {tuple(z_before.shape)} "
+                         f"and {tuple(z_after.shape)}.")
+    n, d = z_before.shape
+    if n == 0:
+        raise ValueError("compare_codes got no embeddings (N = 0).")
+    sae.check_compatible(d_in=d)
+    if labels is not None:
+        labels = torch.as_tensor(labels, dtype=torch.long).cpu()
+        if labels.shape != (n,):
+            raise ValueError(f"labels must be [N] = [{n}], got shape {tuple(labels.shape)}.")
+        if int(labels.min()) < 0:
+            raise ValueError(f"labels must be >= 0 for the per-class breakdown; got {int(labels.min())}.")
+    if top_features < 0 or top_images < 0 or top_class_features < 0 or chunk_size <= 0:
+        raise ValueError("top_features, top_images and top_class_features must be >= 0 and chunk_size > 0.")
+
+    was_training = sae.training
+    sae.eval()  # BatchTopK uses its inference threshold in eval mode
+    device = sae.W_enc.device
+    d_sae = sae.config.d_sae
+    x_before = sae_inputs(sae, z_before.float(), normalize)
+    x_after = sae_inputs(sae, z_after.float(), normalize)
+    n_classes = 0
+    if labels is not None:
+        n_classes = max(int(labels.max()) + 1, len(class_names or ()))
+
+    # Accumulators (float64 sums, int64 counts), all [F] or [C, F] on CPU.
+    active_b = torch.zeros(d_sae, dtype=torch.long)
+    active_a = torch.zeros(d_sae, dtype=torch.long)
+    sum_b = torch.zeros(d_sae, dtype=torch.float64)
+    sum_a = torch.zeros(d_sae, dtype=torch.float64)
+    added = torch.zeros(d_sae, dtype=torch.long)
+    removed = torch.zeros(d_sae, dtype=torch.long)
+    added_abs = torch.zeros(d_sae, dtype=torch.float64)
+    removed_abs = torch.zeros(d_sae, dtype=torch.float64)
+    added_signed = torch.zeros(d_sae, dtype=torch.float64)
+    removed_signed = torch.zeros(d_sae, dtype=torch.float64)
+    added_per_row = torch.zeros(n, dtype=torch.long)
+    removed_per_row = torch.zeros(n, dtype=torch.long)
+    l0_b = l0_a = 0
+    class_added = torch.zeros(n_classes, d_sae, dtype=torch.long)
+    class_removed = torch.zeros(n_classes, d_sae, dtype=torch.long)
+    top_added_rows, top_removed_rows, exemplar_rows = (_TopRows(top_images, d_sae) for _ in range(3))
+    err_b = err_a = 0.0
+
+    starts = range(0, n, chunk_size)
+    for start in tqdm(starts, desc="SAE codes", disable=not progress, unit="chunk"):
+        xb = x_before[start:start + chunk_size].to(device)
+        xa = x_after[start:start + chunk_size].to(device)
+        sb, sa = sae.encode(xb), sae.encode(xa)
+        err_b += float(((xb - sae.decode(sb)).double() ** 2).sum())
+        err_a += float(((xa - sae.decode(sa)).double() ** 2).sum())
+        sb, sa = sb.float().cpu(), sa.float().cpu()
+        on_b, on_a = sb != 0, sa != 0
+        add_mask, rem_mask = on_a & ~on_b, on_b & ~on_a  # the definitions, verbatim
+
+        active_b += on_b.sum(0)
+        active_a += on_a.sum(0)
+        sum_b += sb.double().sum(0)  # inactive codes are exactly 0, so the sum is over active images only
+        sum_a += sa.double().sum(0)
+        l0_b += int(on_b.sum())
+        l0_a += int(on_a.sum())
+        added += add_mask.sum(0)
+        removed += rem_mask.sum(0)
+        added_abs += (sa.abs() * add_mask).double().sum(0)
+        removed_abs += (sb.abs() * rem_mask).double().sum(0)
+        added_signed += (sa * add_mask).double().sum(0)
+        removed_signed += (sb * rem_mask).double().sum(0)
+        added_per_row[start:start + sb.shape[0]] = add_mask.sum(1)
+        removed_per_row[start:start + sb.shape[0]] = rem_mask.sum(1)
+        if labels is not None:
+            chunk_labels = labels[start:start + sb.shape[0]]
+            class_added.index_add_(0, chunk_labels, add_mask.long())
+            class_removed.index_add_(0, chunk_labels, rem_mask.long())
+        neg_inf = torch.tensor(-math.inf)
+        top_added_rows.update(torch.where(add_mask, sa.abs(), neg_inf), start)
+        top_removed_rows.update(torch.where(rem_mask, sb.abs(), neg_inf), start)
+        exemplar_rows.update(torch.where(on_b, sb.abs(), neg_inf), start)
+    sae.train(was_training)
+
+    var_b = float(((x_before.double() - x_before.double().mean(0)) ** 2).sum())
+    var_a = float(((x_after.double() - x_after.double().mean(0)) ** 2).sum())
+
+    freq_b = active_b.double().numpy() / n
+    freq_a = active_a.double().numpy() / n
+    mean_b = _safe_div(sum_b.numpy(), active_b.numpy())
+    mean_a = _safe_div(sum_a.numpy(), active_a.numpy())
+    added_np, removed_np = added.numpy(), removed.numpy()
+    added_mean_abs = _safe_div(added_abs.numpy(), added_np)
+    removed_mean_abs = _safe_div(removed_abs.numpy(), removed_np)
+    added_mean_signed = _safe_div(added_signed.numpy(), added_np)
+    removed_mean_signed = _safe_div(removed_signed.numpy(), removed_np)
+
+    names = list(class_names) if class_names is not None else None
+    if names is not None and len(names) < n_classes:
+        raise ValueError(f"class_names has {len(names)} names but the labels go up to {n_classes - 1}.")
+
+    def score(count: np.ndarray, mean_abs: np.ndarray, abs_sum: np.ndarray) -> np.ndarray:
+        return {"mass": abs_sum, "count": count.astype(np.float64), "strength": mean_abs}[rank_by]
+
+    def feature_change(j: int, direction: str) -> FeatureChange:
+        is_add = direction == "added"
+        count = int((added_np if is_add else removed_np)[j])
+        mean_abs = float((added_mean_abs if is_add else removed_mean_abs)[j])
+        examples, example_values = (top_added_rows if is_add else top_removed_rows).get(j)
+        exemplars, exemplar_values = exemplar_rows.get(j)
+        top_classes: list[list[int]] = []
+        if labels is not None:
+            per_class = (class_added if is_add else class_removed)[:, j]
+            for c in _rank(per_class.double().numpy(), per_class.numpy(), 3):
+                top_classes.append([c, int(per_class[c])])
+        return FeatureChange(
+            feature=j, direction=direction, count=count, image_fraction=count / n, mean_abs_activation=mean_abs,
+            mean_signed_activation=float((added_mean_signed if is_add else removed_mean_signed)[j]),
+            mass=count * mean_abs, frequency_before=float(freq_b[j]), frequency_after=float(freq_a[j]),
+            mean_activation_before=float(mean_b[j]), mean_activation_after=float(mean_a[j]),
+            example_indices=examples, example_activations=example_values,
+            exemplar_indices=exemplars, exemplar_activations=exemplar_values, top_classes=top_classes,
+        )
+
+    top_added = [feature_change(j, "added") for j in
+                 _rank(score(added_np, added_mean_abs, added_abs.numpy()), added_np, top_features)]
+    top_removed = [feature_change(j, "removed") for j in
+                   _rank(score(removed_np, removed_mean_abs, removed_abs.numpy()), removed_np, top_features)]
+
+    per_class: list[ClassChange] = []
+    if labels is not None:
+        for c in range(n_classes):
+            rows = labels == c
+            n_c = int(rows.sum())
+            if n_c == 0:
+                continue
+            entries = {}
+            for key, table in (("added", class_added[c]), ("removed", class_removed[c])):
+                counts = table.numpy()
+                entries[key] = [{"feature": j, "count": int(counts[j]), "fraction": float(counts[j]) / n_c}
+                                for j in _rank(counts.astype(np.float64), counts, top_class_features)]
+            per_class.append(ClassChange(
+                label=c, name=names[c] if names is not None else str(c), n_images=n_c,
+                added_per_image=float(added_per_row[rows].double().mean()),
+                removed_per_image=float(removed_per_row[rows].double().mean()),
+                top_added=entries["added"], top_removed=entries["removed"],
+            ))
+
+    return FeatureChangeReport(
+        n_images=n, d_sae=d_sae, k=sae.config.k if sae.config.activation != "relu" else None,
+        input_regime=_regime_name(sae, normalize), rank_by=rank_by,
+        added_per_image=float(added_per_row.double().mean()),
+        removed_per_image=float(removed_per_row.double().mean()),
+        images_with_added=float((added_per_row > 0).double().mean()),
+        images_with_removed=float((removed_per_row > 0).double().mean()),
+        distinct_added=int((added > 0).sum()), distinct_removed=int((removed > 0).sum()),
+        fvu_before=err_b / var_b if var_b > 0 else None, fvu_after=err_a / var_a if var_a > 0 else None,
+        cka=linear_cka(z_before, z_after),
+        active_per_image_before=l0_b / n, active_per_image_after=l0_a / n,
+        frequency_before=freq_b.tolist(), frequency_after=freq_a.tolist(),
+        mean_activation_before=mean_b.tolist(), mean_activation_after=mean_a.tolist(),
+        added_count=[int(v) for v in added_np], removed_count=[int(v) for v in removed_np],
+        added_mean_abs=added_mean_abs.tolist(), removed_mean_abs=removed_mean_abs.tolist(),
+        top_added=top_added, top_removed=top_removed, per_class=per_class,
+        class_names=names if names is not None else ([str(c) for c in range(n_classes)] if labels is not None else None),
+    )
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Models and data
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def _config_model_type(path: str) -> str | None:
+    from transformers import PretrainedConfig
+
+    try:
+        config, _ = PretrainedConfig.get_config_dict(path)
+    except OSError:
+        return None
+    return config.get("model_type")
+
+
+def load_model_for_interpretation(path: str, *, representation: str = "image_embeds", **hub_kwargs: Any) -> nn.Module:
+    """Load what `compute_feature_changes` needs from a path: a vision tower with the SAE's representation.
+
+    - a LoRA/DoRA adapter directory (`adapter_config.json`) or a saved `SAEFTCLIPForImageClassification`:
+      `saeft_hf.lora.load_classifier` (the head is irrelevant here but loads with it);
+    - any CLIP checkpoint (`CLIPModel` weights): its vision tower and projection only (`num_labels=1`; no head,
+      no text tower needed).
+    """
+    if os.path.isfile(os.path.join(path, "adapter_config.json")) or _config_model_type(path) == "saeft_clip":
+        model = load_classifier(path, **hub_kwargs)
+    else:
+        model = SAEFTCLIPForImageClassification.from_pretrained(
+            path, num_labels=1, source_model=path, representation=representation, **hub_kwargs)
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    if base.config.representation != representation:
+        raise SAEMismatchError(
+            f"{path} returns `{base.config.representation}` but the SAE was trained on `{representation}`: use an "
+            "SAE trained on this representation, or a model configured for the SAE's.")
+    return model.eval()
+
+
+def _check_model(model: nn.Module, sae: SparseAutoencoder, role: str, *, check_source: bool) -> None:
+    """Raise SAEMismatchError (with the role in the message) if `model`'s representation does not fit the SAE."""
+    from transformers import CLIPModel
+
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    try:
+        if isinstance(base, SAEFTCLIPForImageClassification):
+            sae.check_compatible(d_in=base.representation_dim(), representation=base.config.representation,
+                                 source_model=base.config.source_model if check_source else None)
+        elif isinstance(base, CLIPModel):
+            sae.check_compatible(d_in=base.config.projection_dim, representation="image_embeds")
+    except SAEMismatchError as err:
+        raise SAEMismatchError(f"{role} model: {err}") from err
+
+
+def _prepare_dataset(dataset: AnyDataset, max_samples: int | None, seed: int) -> tuple[datasets.Dataset, list[int] | None]:
+    """A map-style dataset to analyse and, for a subset, the original row of each of its rows.
+
+    A map-style dataset larger than `max_samples` is subsampled with a seeded shuffle (the first rows of a split
+    are often sorted by class). A streaming dataset is materialised: its first `max_samples` examples.
+    """
+    if isinstance(dataset, datasets.IterableDataset):
+        if max_samples is None:
+            raise ValueError("A streaming dataset needs max_samples: its images are kept in memory for the report.")
+        return datasets.Dataset.from_list(list(dataset.take(max_samples)), features=dataset.features), None
+    if max_samples is not None and max_samples < len(dataset):
+        rows = sorted(np.random.default_rng(seed).permutation(len(dataset))[:max_samples].tolist())
+        return dataset.select(rows), rows
+    return dataset, None
+
+
+def _class_names(dataset: AnyDataset, models: Sequence[nn.Module] = ()) -> list[str] | None:
+    """Readable names of the labels, or None.
+
+    A fine-tuned model's `id2label` wins when it is readable (not LABEL_i) and covers the dataset's classes: class
+    folders are often ids (ImageNet wnids) while the head was built from readable class names. Otherwise the
+    dataset's ClassLabel names.
+    """
+    feature = dataset.features.get("label") if getattr(dataset, "features", None) else None
+    dataset_names = list(feature.names) if isinstance(feature, datasets.ClassLabel) else None
+    for model in models:
+        base = model.get_base_model() if hasattr(model, "get_base_model") else model
+        id2label = getattr(getattr(base, "config", None), "id2label", None) or {}
+        names = [id2label.get(i, id2label.get(str(i))) for i in range(len(id2label))]
+        readable = len(names) > 1 and all(names) and not all(str(name).startswith("LABEL_") for name in names)
+        if readable and (dataset_names is None or len(names) == len(dataset_names)):
+            return [str(name) for name in names]
+    return dataset_names
+
+
+def _embed(model: nn.Module, dataset: datasets.Dataset, transform: Callable[[Any], torch.Tensor], *,
+           batch_size: int, device: torch.device | str | None, autocast_dtype: torch.dtype | None,
+           progress: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    if device is not None:
+        model.to(device)
+    # skip_corrupt_images stays False: a dropped image would shift every later row against the other model's.
+    return compute_embeddings(model, with_image_transform(dataset, transform), batch_size=batch_size, device=device,
+                              autocast_dtype=autocast_dtype, progress=progress, return_labels=True)
+
+
+def compute_feature_changes(
+    pretrained: nn.Module,
+    finetuned: nn.Module,
+    sae: SparseAutoencoder,
+    dataset: AnyDataset,
+    transform: Callable[[Any], torch.Tensor],
+    *,
+    normalize: bool | None = None,
+    max_samples: int | None = None,
+    seed: int = 0,
+    batch_size: int = 256,
+    device: torch.device | str | None = None,
+    autocast_dtype: torch.dtype | None = None,
+    class_names: Sequence[str] | None = None,
+    top_features: int = 20,
+    top_images: int = 8,
+    rank_by: str = "mass",
+    output_path: str | Path | None = None,
+    progress: bool = True,
+) -> FeatureChangeReport:
+    """Embed `dataset` with both models, compare their SAE codes, and (optionally) write the report as JSON.
+
+    Args:
+        pretrained: the frozen pre-trained model (`SAEFTCLIPForImageClassification`, `CLIPModel`, or a PeftModel).
+        finetuned: the fine-tuned model: a full classifier or a PeftModel with LoRA adapters
+            (`saeft_hf.lora.load_classifier(path)` loads either).
+        sae: the SAE trained on the pre-trained model's representation.
+        dataset: a `datasets` dataset with `image` and `label` columns (raw images; `transform` is applied here).
+        transform: the eval transform (`transforms_from_pretrained(path)[1]`): the SAE was trained on un-augmented
+            centre crops, and both models must see identical pixels.
+        max_samples: analyse a seeded random subset of this size (streaming datasets: the first examples).
+            Example/exemplar indices in the report always refer to rows of `dataset` itself.
+        Other arguments: see `compare_codes`.
+
+    Returns:
+        The FeatureChangeReport (with `metadata.n_images` etc.); also saved to `output_path` when given.
+    """
+    for role, model in (("pre-trained", pretrained), ("fine-tuned", finetuned)):
+        _check_model(model, sae, role, check_source=role == "pre-trained")
+    data, rows = _prepare_dataset(dataset, max_samples, seed)
+    kwargs = dict(batch_size=batch_size, device=device, autocast_dtype=autocast_dtype, progress=progress)
+    z_before, labels = _embed(pretrained, data, transform, **kwargs)
+    z_after, labels_after = _embed(finetuned, data, transform, **kwargs)
+    if not torch.equal(labels, labels_after):
+        raise RuntimeError("The two passes over the dataset returned different label orders; use a map-style "
+                           "dataset (or a deterministic stream) so both models see the same images.")
+    report = compare_codes(sae, z_before, z_after, labels, normalize=normalize,
+                           class_names=class_names or _class_names(dataset, (finetuned,)),
+                           top_features=top_features, top_images=top_images, rank_by=rank_by)
+    if rows is not None:
+        report.remap_indices(rows)
+    report.metadata.update(sae_config={k: v for k, v in sae.config.to_dict().items() if k != "training_metrics"},
+                           max_samples=max_samples, seed=seed)
+    if output_path is not None:
+        report.save_json(output_path)
+    return report
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Text descriptions
+# ----------------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class TextVocabulary:
+    """Prompts and their unit-norm CLIP text embeddings [P, projection_dim]; `kinds[i]` is "class" or "vocabulary"."""
+
+    prompts: list[str]
+    kinds: list[str]
+    embeddings: torch.Tensor
+
+
+def build_text_vocabulary(
+    clip: Any,
+    tokenizer: Any = None,
+    *,
+    classnames: Sequence[str] | None = None,
+    templates: Sequence[str] = ("a photo of a {}.",),
+    vocabulary: Sequence[str] = (),
+    progress: bool = False,
+) -> TextVocabulary:
+    """Text embeddings to describe features with.
+
+    Class names: one template-averaged embedding per class (`saeft_hf.zeroshot.zeroshot_text_embeddings`, exactly
+    the zero-shot head's directions), labelled with the class name. Vocabulary: each entry embedded as given
+    (a word or a full prompt such as "a blurry photo").
+
+    Args:
+        clip: a `transformers.CLIPModel`, or a path / Hub id of one (loaded with its tokenizer).
+        tokenizer: the CLIP tokenizer (loaded from `clip` when it is a path and this is None).
+    """
+    from transformers import AutoTokenizer, CLIPModel
+
+    if isinstance(clip, (str, os.PathLike)):
+        path = os.fspath(clip)
+        clip = CLIPModel.from_pretrained(path)
+        tokenizer = tokenizer or AutoTokenizer.from_pretrained(path)
+    if tokenizer is None:
+        raise ValueError("build_text_vocabulary needs the CLIP tokenizer when `clip` is a model object.")
+    prompts, kinds, parts = [], [], []
+    if classnames:
+        parts.append(zeroshot_text_embeddings(clip, tokenizer, list(classnames), list(templates), progress=progress))
+        prompts += [str(name) for name in classnames]
+        kinds += ["class"] * len(classnames)
+    if vocabulary:
+        # The template "{}" embeds each entry as written.
+        parts.append(zeroshot_text_embeddings(clip, tokenizer, list(vocabulary), ["{}"], progress=progress))
+        prompts += [str(v) for v in vocabulary]
+        kinds += ["vocabulary"] * len(vocabulary)
+    if not parts:
+        raise ValueError("build_text_vocabulary needs class names and/or a vocabulary.")
+    return TextVocabulary(prompts=prompts, kinds=kinds, embeddings=torch.cat(parts).float().cpu())
+
+
+def describe_with_text(
+    report: FeatureChangeReport,
+    sae: SparseAutoencoder,
+    vocabulary: TextVocabulary,
+    *,
+    top_prompts: int = 3,
+    center: bool = False,
+) -> None:
+    """Fill `FeatureChange.text` of every reported feature with its best-aligned prompts, in place.
+
+    Score: cosine between the decoder atom ``W_dec[j]`` (times the sign of the feature's mean changed code, since a
+    negative code of a signed TopK SAE adds ``-W_dec[j]``) and each prompt's text embedding. The atom lives in the
+    SAE's input space: for an SAE on `image_embeds` that is CLIP's joint image-text space (unit norm only rescales,
+    so directions are unchanged). `center=True` subtracts the mean text embedding first, which removes the
+    direction all prompts share (CLIP's modality gap) and can make the ranking less uniform across features.
+
+    Raises:
+        ValueError / SAEMismatchError: the SAE is not on `image_embeds`, or the widths differ.
+    """
+    if sae.config.representation != "image_embeds":
+        raise ValueError(
+            f"Text alignment needs an SAE on `image_embeds` (CLIP's joint space); this one is on "
+            f"`{sae.config.representation}`, whose directions are not comparable with text embeddings.")
+    text = vocabulary.embeddings.float()
+    if text.shape[1] != sae.config.d_in:
+        raise SAEMismatchError(f"Text embeddings have width {text.shape[1]} but the SAE's d_in is {sae.config.d_in}: "
+                               "use the text tower of the CLIP model the SAE was trained on.")
+    if center:
+        text = text - text.mean(0, keepdim=True)
+    text = F.normalize(text, dim=-1)
+    atoms = F.normalize(sae.W_dec.detach().float().cpu(), dim=-1)  # [F, d]
+    for change in (*report.top_added, *report.top_removed):
+        sign = -1.0 if change.mean_signed_activation < 0 else 1.0
+        cosines = sign * (text @ atoms[change.feature])
+        order = cosines.argsort(descending=True)[:top_prompts].tolist()
+        change.text = [{"prompt": vocabulary.prompts[i], "cosine": float(cosines[i]), "kind": vocabulary.kinds[i]}
+                       for i in order]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Images
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def _thumbnail(image: Any, size: int) -> PIL.Image.Image:
+    img = decode_image(image).convert("RGB")
+    # Small images (28 px digits) are enlarged with NEAREST so strokes stay crisp instead of blurred.
+    resample = PIL.Image.Resampling.NEAREST if min(img.size) < size else PIL.Image.Resampling.BICUBIC
+    return PIL.ImageOps.fit(img, (size, size), method=resample)
+
+
+def feature_image_strip(dataset: datasets.Dataset, indices: Sequence[int], *, size: int = 56, pad: int = 2,
+                        slots: int | None = None) -> PIL.Image.Image:
+    """Images `dataset[i]["image"]` for i in `indices`, left to right, as one RGB image [size, slots * (size+pad)].
+
+    Empty slots (fewer indices than `slots`) stay light grey, so strips of one table line up.
+    """
+    slots = max(slots or len(indices), 1)
+    strip = PIL.Image.new("RGB", (slots * (size + pad) - pad, size), (235, 235, 235))
+    for pos, index in enumerate(list(indices)[:slots]):
+        strip.paste(_thumbnail(dataset[int(index)]["image"], size), (pos * (size + pad), 0))
+    return strip
+
+
+def _font(size: int) -> PIL.ImageFont.ImageFont:
+    try:
+        return PIL.ImageFont.load_default(size=size)
+    except TypeError:  # Pillow < 10.1 has no sized default font
+        return PIL.ImageFont.load_default()
+
+
+def _describe(change: FeatureChange, class_names: Sequence[str] | None) -> list[str]:
+    """Short text lines for one feature (used in the PNG grids)."""
+    sign = "+" if change.direction == "added" else "-"
+    lines = [f"#{change.feature}  {sign}{change.count} img ({100 * change.image_fraction:.1f}%)",
+             f"|a|={change.mean_abs_activation:.3g}  freq {change.frequency_before:.2f}->{change.frequency_after:.2f}"]
+    if change.top_classes:
+        names = [class_names[c] if class_names and c < len(class_names) else str(c) for c, _ in change.top_classes]
+        lines.append("classes: " + ", ".join(names))
+    if change.text:
+        lines.append("text: " + ", ".join(f"{t['prompt']} ({t['cosine']:.2f})" for t in change.text[:2]))
+    return lines
+
+
+def feature_grid(
+    report: FeatureChangeReport,
+    dataset: datasets.Dataset,
+    direction: str = "added",
+    *,
+    max_features: int | None = None,
+    size: int = 48,
+    text_width: int = 300,
+    title: str | None = None,
+) -> PIL.Image.Image:
+    """One combined figure: a row per reported feature with its text label and the images where it changed.
+
+    `dataset` is the raw dataset the report's indices refer to. Returns an RGB PIL image (save it as PNG).
+    """
+    changes = report.top(direction)[:max_features]
+    slots = max([len(c.example_indices) for c in changes] + [1])
+    pad, line_h = 4, 13
+    row_h = max(size, 4 * line_h + 2) + pad
+    header = 22
+    width = text_width + slots * (size + 2)
+    canvas = PIL.Image.new("RGB", (width, header + max(len(changes), 1) * row_h), "white")
+    draw = PIL.ImageDraw.Draw(canvas)
+    draw.text((4, 4), title or f"{len(changes)} most {direction} features (images where {direction})",
+              fill="black", font=_font(14))
+    if not changes:
+        draw.text((4, header), f"No feature was {direction}.", fill="black", font=_font(12))
+    for row, change in enumerate(changes):
+        top = header + row * row_h
+        for i, line in enumerate(_describe(change, report.class_names)):
+            line = line if len(line) <= 58 else line[:57] + "..."  # the full text is in the JSON and HTML
+            draw.text((4, top + i * line_h), line, fill="black", font=_font(11))
+        canvas.paste(feature_image_strip(dataset, change.example_indices, size=size, slots=slots),
+                     (text_width, top))
+    return canvas
+
+
+def _png_base64(image: PIL.Image.Image | bytes) -> str:
+    if isinstance(image, PIL.Image.Image):
+        buf = io.BytesIO()
+        image.save(buf, format="PNG")
+        image = buf.getvalue()
+    return base64.b64encode(image).decode("ascii")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Charts (matplotlib, lazily)
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def _pyplot() -> Any:
+    """matplotlib.pyplot on the Agg backend, or None (logged) when matplotlib is not installed."""
+    try:
+        import matplotlib
+    except ImportError:
+        logger.warning("matplotlib is not installed (pip install 'saeft-hf[demo]'): the report has no charts.")
+        return None
+    matplotlib.use("Agg")  # headless: never open a window, works on servers
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _figure_png(fig: Any, plt: Any) -> bytes:
+    buf = io.BytesIO()
+    fig.tight_layout()
+    fig.savefig(buf, format="png", dpi=110)
+    plt.close(fig)
+    return buf.getvalue()
+
+
+def plot_feature_counts(reports: Mapping[str, FeatureChangeReport], *, top: int = 15) -> bytes | None:
+    """Bar chart PNG: per model, images on which each top feature was added (up) or removed (down).
+
+    One panel per model, sharing the y axis so the models compare at a glance. None without matplotlib.
+    """
+    plt = _pyplot()
+    if plt is None:
+        return None
+    fig, axes = plt.subplots(1, len(reports), figsize=(5.5 * len(reports), 3.6), sharey=True, squeeze=False)
+    for ax, (name, report) in zip(axes[0], reports.items()):
+        added = report.top_added[:top]
+        removed = report.top_removed[:top]
+        ax.bar(range(len(added)), [c.count for c in added], color="#2a9d8f", label="added (images)")
+        ax.bar(range(len(removed)), [-c.count for c in removed], color="#e76f51", label="removed (images)")
+        for i, c in enumerate(added):
+            ax.text(i, c.count, str(c.feature), ha="center", va="bottom", fontsize=6, rotation=90)
+        for i, c in enumerate(removed):
+            ax.text(i, -c.count, str(c.feature), ha="center", va="top", fontsize=6, rotation=90)
+        ax.axhline(0, color="black", linewidth=0.6)
+        ax.set_title(f"{name}: {report.distinct_added} features added, {report.distinct_removed} removed",
+                     fontsize=9)
+        ax.set_xlabel(f"feature rank (by {report.rank_by}); labels = feature ids", fontsize=8)
+        ax.set_xticks([])
+    axes[0][0].set_ylabel("images")
+    axes[0][0].legend(fontsize=7, loc="upper right")
+    return _figure_png(fig, plt)
+
+
+def plot_class_changes(reports: Mapping[str, FeatureChangeReport]) -> bytes | None:
+    """Grouped bar chart PNG: mean features added per image, per class, one bar per model. None if no classes."""
+    if not any(r.per_class for r in reports.values()):
+        return None
+    plt = _pyplot()
+    if plt is None:
+        return None
+    labels = sorted({c.label for r in reports.values() for c in r.per_class})
+    names = {c.label: c.name for r in reports.values() for c in r.per_class}
+    width = 0.8 / len(reports)
+    fig, ax = plt.subplots(figsize=(max(6.0, 0.6 * len(labels) * len(reports)), 3.4))
+    for m, (name, report) in enumerate(reports.items()):
+        by_label = {c.label: c.added_per_image for c in report.per_class}
+        xs = [i + (m - (len(reports) - 1) / 2) * width for i in range(len(labels))]
+        ax.bar(xs, [by_label.get(lab, 0.0) for lab in labels], width=width, label=name)
+    ax.set_xticks(range(len(labels)))
+    ax.set_xticklabels([names[lab] for lab in labels], rotation=45 if len(labels) > 12 else 0, fontsize=8)
+    ax.set_ylabel("features added per image")
+    ax.set_title("Features added per image, by class", fontsize=10)
+    ax.legend(fontsize=8)
+    return _figure_png(fig, plt)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The HTML report
+# ----------------------------------------------------------------------------------------------------------------
+
+_CSS = """
+body{font-family:system-ui,-apple-system,Segoe UI,Helvetica,Arial,sans-serif;margin:24px;color:#222;max-width:1600px}
+h1{font-size:1.5em} h2{margin-top:1.6em;border-bottom:1px solid #ddd} table{border-collapse:collapse;margin:8px 0}
+td,th{border:1px solid #ddd;padding:4px 8px;font-size:13px;vertical-align:top} th{background:#f4f4f4}
+td.num{text-align:right;font-variant-numeric:tabular-nums} .models{display:flex;gap:24px;align-items:flex-start}
+.model{flex:1;min-width:0} .feat{border:1px solid #e3e3e3;border-radius:6px;padding:8px;margin:8px 0}
+.feat h4{margin:0 0 4px 0} .muted{color:#666;font-size:12px} img{image-rendering:pixelated;max-width:100%}
+.strip{margin:3px 0} .tag{display:inline-block;background:#eef;border-radius:3px;padding:0 4px;margin:1px;font-size:12px}
+"""
+
+_SUMMARY_ROWS: tuple[tuple[str, str, str], ...] = (
+    ("n_images", "images analysed", "{:d}"),
+    ("added_per_image", "features added per image (mean)", "{:.3f}"),
+    ("removed_per_image", "features removed per image (mean)", "{:.3f}"),
+    ("images_with_added", "images with at least one added feature", "{:.1%}"),
+    ("distinct_added", "distinct features added (on at least one image)", "{:d}"),
+    ("distinct_removed", "distinct features removed", "{:d}"),
+    ("fvu_before", "SAE FVU, pre-trained embeddings", "{:.4f}"),
+    ("fvu_after", "SAE FVU, fine-tuned embeddings", "{:.4f}"),
+    ("cka", "linear CKA(pre-trained, fine-tuned)", "{:.4f}"),
+)
+
+
+def _fmt(value: Any, spec: str) -> str:
+    if value is None:
+        return "n/a"
+    try:
+        return spec.format(value)
+    except (ValueError, TypeError):
+        return str(value)
+
+
+def _esc(value: Any) -> str:
+    return html.escape(str(value))
+
+
+def _img_tag(data: PIL.Image.Image | bytes, alt: str) -> str:
+    return f'<img alt="{_esc(alt)}" src="data:image/png;base64,{_png_base64(data)}">'
+
+
+def _feature_html(change: FeatureChange, report: FeatureChangeReport, dataset: datasets.Dataset | None,
+                  size: int) -> str:
+    verb = change.direction
+    parts = [f'<div class="feat"><h4>feature #{change.feature}</h4>',
+             f'<div>{verb} on <b>{change.count}</b> images ({change.image_fraction:.1%}); mean |activation| '
+             f'{change.mean_abs_activation:.3g}; mass {change.mass:.3g}</div>',
+             f'<div class="muted">active before on {change.frequency_before:.1%} of images '
+             f'(mean {change.mean_activation_before:.3g}), after on {change.frequency_after:.1%} '
+             f'(mean {change.mean_activation_after:.3g})</div>']
+    if change.top_classes:
+        names = report.class_names or []
+        tags = "".join(f'<span class="tag">{_esc(names[c] if c < len(names) else c)}: {n}</span>'
+                       for c, n in change.top_classes)
+        parts.append(f"<div>classes: {tags}</div>")
+    if change.text:
+        tags = "".join(f'<span class="tag">{_esc(t["prompt"])} ({t["cosine"]:.2f})</span>' for t in change.text)
+        parts.append(f"<div>text (cosine with decoder atom): {tags}</div>")
+    if dataset is not None:
+        if change.example_indices:
+            strip = feature_image_strip(dataset, change.example_indices, size=size)
+            parts.append(f'<div class="strip"><div class="muted">images where it was {verb}, strongest first</div>'
+                         f'{_img_tag(strip, f"feature {change.feature} {verb}")}</div>')
+        if change.exemplar_indices:
+            strip = feature_image_strip(dataset, change.exemplar_indices, size=size)
+            parts.append('<div class="strip"><div class="muted">top-activating images under the pre-trained '
+                         f'model</div>{_img_tag(strip, f"feature {change.feature} exemplars")}</div>')
+    parts.append("</div>")
+    return "".join(parts)
+
+
+def write_report(
+    reports: Mapping[str, FeatureChangeReport],
+    path: str | Path,
+    *,
+    dataset: datasets.Dataset | None = None,
+    title: str = "What fine-tuning changed, in SAE features",
+    description: str | None = None,
+    max_features: int = 12,
+    image_size: int = 48,
+) -> Path:
+    """Write ONE self-contained HTML file (charts and images embedded as base64 PNG) comparing `reports`.
+
+    Args:
+        reports: {model name: report}, e.g. {"FT": ..., "SAE-FT": ...}; models are shown side by side in this order.
+            All must come from the same images (same dataset rows) for the image strips to be meaningful.
+        path: the .html file to write (parent directories are created).
+        dataset: the raw dataset (`image` column) the reports' indices refer to; without it, no image strips.
+        description: a free-text paragraph under the title (e.g. the models' paths and the split).
+        max_features: features shown per model and direction.
+    """
+    if not reports:
+        raise ValueError("write_report needs at least one report.")
+    names = list(reports)
+    first = reports[names[0]]
+    out = ['<!DOCTYPE html><html><head><meta charset="utf-8">', f"<title>{_esc(title)}</title>",
+           f"<style>{_CSS}</style></head><body>", f"<h1>{_esc(title)}</h1>"]
+    if description:
+        out.append(f"<p>{_esc(description)}</p>")
+    out.append(
+        f'<p class="muted">SAE: d_sae={first.d_sae}, k={first.k}; SAE inputs: {_esc(first.input_regime)}. A feature is '
+        "<i>added</i> on an image when its code is non-zero for the fine-tuned model and zero for the pre-trained "
+        "one, <i>removed</i> for the reverse. Features are ranked by "
+        f"{_esc(first.rank_by)} (mass = images x mean |activation|). FVU = sum of squared reconstruction errors / "
+        "sum of squared deviations from the mean; CKA is linear CKA on the raw embeddings.</p>")
+
+    out.append("<h2>Summary</h2><table><tr><th></th>" + "".join(f"<th>{_esc(n)}</th>" for n in names) + "</tr>")
+    for key, label, spec in _SUMMARY_ROWS:
+        cells = "".join(f'<td class="num">{_fmt(getattr(reports[n], key), spec)}</td>' for n in names)
+        out.append(f"<tr><td>{_esc(label)}</td>{cells}</tr>")
+    out.append("</table>")
+
+    counts_png, class_png = plot_feature_counts(reports), plot_class_changes(reports)
+    if counts_png or class_png:
+        out.append("<h2>Added and removed features</h2>")
+        for png, alt in ((counts_png, "feature counts"), (class_png, "changes per class")):
+            if png:
+                out.append(f"<div>{_img_tag(png, alt)}</div>")
+
+    if any(r.per_class for r in reports.values()):
+        out.append("<h2>Per class</h2><table><tr><th>class</th><th>images</th>")
+        out.extend(f"<th>{_esc(n)}: added / removed per image</th><th>{_esc(n)}: top added</th>"
+                   f"<th>{_esc(n)}: top removed</th>" for n in names)
+        out.append("</tr>")
+        by_model = {n: {c.label: c for c in reports[n].per_class} for n in names}
+        for label in sorted({lab for rows in by_model.values() for lab in rows}):
+            ref = next(rows[label] for rows in by_model.values() if label in rows)
+            cells = [f"<td>{_esc(ref.name)}</td><td class='num'>{ref.n_images}</td>"]
+            for n in names:
+                c = by_model[n].get(label)
+                if c is None:
+                    cells.append("<td>-</td><td>-</td><td>-</td>")
+                    continue
+                fmt = lambda items: ", ".join(f"#{e['feature']} ({e['fraction']:.0%})" for e in items)  # noqa: E731
+                cells.append(f"<td class='num'>{c.added_per_image:.2f} / {c.removed_per_image:.2f}</td>"
+                             f"<td>{_esc(fmt(c.top_added))}</td><td>{_esc(fmt(c.top_removed))}</td>")
+            out.append("<tr>" + "".join(cells) + "</tr>")
+        out.append("</table>")
+
+    for direction in DIRECTIONS:
+        out.append(f"<h2>Most {direction} features</h2><div class='models'>")
+        for n in names:
+            report = reports[n]
+            changes = report.top(direction)[:max_features]
+            out.append(f"<div class='model'><h3>{_esc(n)}</h3>")
+            if not changes:
+                out.append(f"<p>No feature was {direction}.</p>")
+            out.extend(_feature_html(c, report, dataset, image_size) for c in changes)
+            out.append("</div>")
+        out.append("</div>")
+    out.append("</body></html>")
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text("\n".join(out), encoding="utf-8")
+    os.replace(tmp, path)
+    return path
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# End to end
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def _slug(name: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", name).strip("_") or "model"
+
+
+def interpret_runs(
+    pretrained: nn.Module | str,
+    finetuned: Mapping[str, nn.Module | str],
+    sae: SparseAutoencoder | str,
+    dataset: AnyDataset,
+    transform: Callable[[Any], torch.Tensor] | None = None,
+    *,
+    output_dir: str | Path,
+    text_model: Any = None,
+    tokenizer: Any = None,
+    classnames: Sequence[str] | None = None,
+    templates: Sequence[str] = ("a photo of a {}.",),
+    vocabulary: Sequence[str] = (),
+    normalize: bool | None = None,
+    max_samples: int | None = None,
+    seed: int = 0,
+    batch_size: int = 256,
+    device: torch.device | str | None = None,
+    autocast_dtype: torch.dtype | None = None,
+    top_features: int = 20,
+    top_images: int = 8,
+    top_prompts: int = 3,
+    rank_by: str = "mass",
+    center_text: bool = False,
+    title: str = "What fine-tuning changed, in SAE features",
+    description: str | None = None,
+    progress: bool = True,
+) -> dict[str, FeatureChangeReport]:
+    """Compare one or more fine-tuned models with the pre-trained one and write JSON, grids and an HTML report.
+
+    Writes into `output_dir`: `<name>/feature_changes.json` and `<name>/grid_added.png`, `grid_removed.png` per
+    model, `summary.json` (headline numbers of every model) and `report.html` (self-contained).
+
+    Args:
+        pretrained: the pre-trained model, or a path (a CLIP checkpoint; only its vision tower is used).
+        finetuned: {display name: model or path}; paths are loaded with `saeft_hf.lora.load_classifier` (full
+            classifier directories and LoRA adapters alike). Order = column order in the report.
+        sae: the SAE, or a path for `SparseAutoencoder.from_pretrained`.
+        dataset: raw `datasets` dataset with `image` / `label` columns.
+        transform: eval transform; None -> `transforms_from_pretrained(pretrained)[1]` (needs a path).
+        text_model / tokenizer: a CLIPModel (or path) whose text tower describes features; None: no text.
+        classnames: label names (default: the dataset's ClassLabel names, else the fine-tuned model's id2label).
+        templates: prompt templates for the class-name text embeddings.
+        vocabulary: extra words or prompts to describe features with.
+        Other arguments: see `compute_feature_changes` / `compare_codes` / `describe_with_text`.
+
+    Returns:
+        {name: FeatureChangeReport}.
+    """
+    if not finetuned:
+        raise ValueError("interpret_runs needs at least one fine-tuned model.")
+    output_dir = Path(output_dir)
+    if isinstance(sae, (str, os.PathLike)):
+        sae_source = os.fspath(sae)
+        sae = SparseAutoencoder.from_pretrained(sae_source)
+    else:
+        sae_source = None
+    representation = sae.config.representation
+    pretrained_source = None
+    if isinstance(pretrained, (str, os.PathLike)):
+        pretrained_source = os.fspath(pretrained)
+        pretrained = load_model_for_interpretation(pretrained_source, representation=representation)
+        if transform is None:
+            transform = transforms_from_pretrained(pretrained_source)[1]
+    if transform is None:
+        raise ValueError("Pass the eval `transform` (transforms_from_pretrained(path)[1]) when `pretrained` is a model.")
+    models: dict[str, nn.Module] = {}
+    sources: dict[str, str | None] = {}
+    for name, model in finetuned.items():
+        sources[name] = os.fspath(model) if isinstance(model, (str, os.PathLike)) else None
+        models[name] = load_model_for_interpretation(sources[name], representation=representation) \
+            if sources[name] is not None else model
+    _check_model(pretrained, sae, "pre-trained", check_source=True)
+    for name, model in models.items():
+        _check_model(model, sae, f"fine-tuned '{name}'", check_source=False)
+
+    data, rows = _prepare_dataset(dataset, max_samples, seed)
+    names = list(classnames) if classnames is not None else _class_names(dataset, list(models.values()))
+    kwargs = dict(batch_size=batch_size, device=device, autocast_dtype=autocast_dtype, progress=progress)
+    # The pre-trained embeddings are shared by every comparison: compute them once.
+    z_before, labels = _embed(pretrained, data, transform, **kwargs)
+
+    vocab = None
+    if text_model is not None and (names or vocabulary):
+        vocab = build_text_vocabulary(text_model, tokenizer, classnames=names, templates=templates,
+                                      vocabulary=vocabulary, progress=False)
+    elif text_model is not None:
+        logger.warning("No class names and no vocabulary to describe features with: the report has no text. "
+                       "Pass classnames= or vocabulary=.")
+
+    reports: dict[str, FeatureChangeReport] = {}
+    for name, model in models.items():
+        z_after, labels_after = _embed(model, data, transform, **kwargs)
+        if not torch.equal(labels, labels_after):
+            raise RuntimeError("The passes over the dataset returned different label orders; use a map-style dataset.")
+        report = compare_codes(sae, z_before, z_after, labels, normalize=normalize, class_names=names,
+                               top_features=top_features, top_images=top_images, rank_by=rank_by)
+        if vocab is not None:
+            describe_with_text(report, sae, vocab, top_prompts=top_prompts, center=center_text)
+        if rows is not None:
+            report.remap_indices(rows)
+        report.metadata.update(
+            name=name, finetuned=sources[name], pretrained=pretrained_source, sae=sae_source,
+            sae_config={k: v for k, v in sae.config.to_dict().items() if k != "training_metrics"},
+            max_samples=max_samples, seed=seed,
+        )
+        model_dir = output_dir / _slug(name)
+        report.save_json(model_dir / CHANGES_FILENAME)
+        image_source = dataset if not isinstance(dataset, datasets.IterableDataset) else data
+        for direction in DIRECTIONS:
+            feature_grid(report, image_source, direction, title=f"{name}: most {direction} features").save(
+                model_dir / f"grid_{direction}.png")
+        reports[name] = report
+        logger.info("%s: %s", name, report.summary())
+
+    summary = {name: report.summary() for name, report in reports.items()}
+    (output_dir / "summary.json").write_text(json.dumps(summary, indent=1), encoding="utf-8")
+    write_report(reports, output_dir / REPORT_FILENAME,
+                 dataset=dataset if not isinstance(dataset, datasets.IterableDataset) else data,
+                 title=title, description=description)
+    return reports
