@@ -1,0 +1,47 @@
+"""A few-step version of the digit benchmark, through the same code path as `make demo`."""
+
+import json
+import math
+
+import pytest
+
+from saeft_hf.benchmarks.experiment import ALL_METHODS, DigitExperimentConfig, run_digit_experiment
+
+REQUIRED = {"zeroshot", "ft", "lp_ft", "wise_ft", "feature_distill", "l2sp", "sae_ft", "lora_ft", "lora_sae_ft"}
+
+
+@pytest.fixture(scope="module")
+def quick_results(tmp_path_factory):
+    out = tmp_path_factory.mktemp("demo")
+    cfg = DigitExperimentConfig(output_dir=str(out), seeds=[0], max_steps=3, batch_size=32, max_eval_samples=40,
+                                max_train_samples=200, sae_epochs=2)
+    run_digit_experiment(cfg)
+    return out
+
+
+def test_results_json_schema(quick_results):
+    results = json.loads((quick_results / "results.json").read_text())
+    assert results["id_set"] == "id_test"
+    assert results["shift_sets"] == ["uci", "printed", "noise", "blur", "contrast"]
+    methods = {row["method"] for row in results["rows"]}
+    assert REQUIRED <= methods and methods <= set(ALL_METHODS)
+    for row in results["rows"]:
+        assert set(row) == {"method", "seed", "eval_set", "accuracy"}
+        assert 0.0 <= row["accuracy"] <= 1.0 and not math.isnan(row["accuracy"])
+    for key in ("config", "split_sizes", "versions", "wall_time_s"):
+        assert key in results
+    assert results["split_sizes"]["finetune"] > 0 and "torch" in results["versions"]
+    # Every method is evaluated on the ID test set and every shift.
+    sets = {(row["method"], row["eval_set"]) for row in results["rows"]}
+    for method in REQUIRED:
+        for name in ["id_test", *results["shift_sets"]]:
+            assert (method, name) in sets
+    curve = results["wise_ft_curves"]["wise_ft-seed0"]
+    assert curve["alphas"][0] == 0.0 and curve["alphas"][-1] == 1.0 and curve["best_alpha"] in curve["alphas"]
+
+
+def test_markdown_and_plot_written(quick_results):
+    table = (quick_results / "results.md").read_text()
+    assert "| sae_ft |" in table and "shift_avg" in table
+    png = (quick_results / "robustness.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
