@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from saeft_hf.config import SAEFTConfig
-from saeft_hf.data import load_image_dataset, shuffle_for_training
+from saeft_hf.data import check_dataset_size, load_image_dataset, shuffle_for_training
 from saeft_hf.evaluation import load_eval_sets, load_eval_specs
 from saeft_hf.imagenet_classes import IMAGENET_TEMPLATES, imagenet_classnames, imagenet_wnids
 from saeft_hf.pipeline import ModelArguments, parse_args, run_saeft
@@ -103,6 +103,9 @@ def main(argv: list[str]) -> None:
                                         split=data_args.validation_split)
     classnames = classnames_for(train, data_args)
     if data_args.streaming:
+        # An empty stream would otherwise "train" for 0 steps and save the untouched model. Checked on the raw,
+        # undecoded stream before the shuffle buffer, so this reads one example. (run_saeft checks map-style sets.)
+        check_dataset_size(train, 1, "The training stream")
         train = shuffle_for_training(train, seed=training_args.seed)
     train = _take(train, data_args.max_train_samples)
     validation = _take(validation, data_args.max_eval_samples) if validation is not None else None

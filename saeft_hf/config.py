@@ -16,7 +16,9 @@ REFERENCE_MODES = ("live", "cached")
 DEFAULT_LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"]
 
 
-@dataclass
+# repr=False: keep TrainingArguments' repr, which hides `*_token` fields; a generated dataclass repr would print
+# `hub_token` in clear wherever the config is logged or shown in a traceback.
+@dataclass(repr=False)
 class SAEFTConfig(TrainingArguments):
     """Training arguments for `SAEFTTrainer`: `TrainingArguments` plus the SAE-FT regulariser, LoRA and the head.
 
@@ -93,6 +95,11 @@ class SAEFTConfig(TrainingArguments):
     lr_scheduler_type: str = field(default="cosine", metadata={"help": "Learning-rate schedule after warm-up."})
     max_grad_norm: float = field(default=1.0, metadata={"help": "Gradient clipping norm (the paper: 1.0)."})
     logging_steps: float = field(default=10, metadata={"help": "Log every N steps (or a ratio)."})
+    logging_nan_inf_filter: bool = field(
+        default=False,
+        metadata={"help": "Off: SAEFTTrainer itself stops on a NaN/inf loss at the next logging step, without the "
+                          "per-step GPU sync the Trainer's filter costs (it would only hide that loss in the logs)."},
+    )
     remove_unused_columns: bool = field(
         default=False, metadata={"help": "Keep dataset columns: the collator needs the raw images."}
     )

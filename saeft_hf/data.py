@@ -23,6 +23,7 @@ This module imports only torch, numpy, PIL and datasets (transformers lazily, in
 
 from __future__ import annotations
 
+import hashlib
 import io
 import logging
 import math
@@ -239,10 +240,23 @@ class CLIPImageTransform:
     Input modes are converted by :func:`to_model_mode` to ``num_channels`` (1 -> "L", 3 -> "RGB"); alpha is dropped
     unless ``alpha_background`` is given.
 
-    Randomness: a numpy ``Generator`` created lazily per process. With ``seed`` given, a transform produces the same
-    crop sequence on every run in the main process; inside a DataLoader worker the worker's torch seed (different
-    per worker and per epoch, derived from the main process seed) is mixed in, so workers don't repeat each other.
-    With ``seed=None`` the torch seed is used (reproducible under ``transformers.set_seed``).
+    Randomness, two modes:
+
+    - Per image (after :meth:`set_epoch`, which training code calls at every epoch start; ``run_saeft`` does it
+      through :class:`saeft_hf.trainer.SetEpochCallback`): each crop is drawn from a generator seeded by
+      ``(seed, epoch, a hash of the decoded pixels)``. A crop then depends on nothing else (not on the order of
+      calls, the DataLoader workers, the number of processes, or what ran before in the process), so a run resumed
+      from a checkpoint, or split over several processes, sees exactly the crops of the uninterrupted single-process
+      run. (A sequential stream cannot give that: on resume the Trainer skips the batches already trained on without
+      transforming them, and the per-process stream restarts, so every later crop would shift.) Identical images in
+      one epoch get the same crop. With ``dataloader_persistent_workers`` the workers keep the epoch they started
+      with; leave that option off for per-epoch crops.
+    - Sequential (before any ``set_epoch``): a numpy ``Generator`` created lazily per process and advanced by every
+      call, so repeated calls on one image give fresh crops. With ``seed`` given, the same crop sequence on every run
+      in the main process; inside a DataLoader worker the worker's torch seed (different per worker and per epoch)
+      is mixed in, so workers don't repeat each other.
+
+    With ``seed=None`` the torch seed is used in both modes (reproducible under ``transformers.set_seed``).
     """
 
     def __init__(
@@ -286,6 +300,7 @@ class CLIPImageTransform:
         self._std = np.asarray(self.std, dtype=np.float32)
         self._rng: np.random.Generator | None = None
         self._rng_key: tuple[Any, ...] | None = None
+        self.epoch: int | None = None  # set by set_epoch: switches to per-image crops
 
     def __repr__(self) -> str:
         geometry = (f"RandomResizedCrop({self.image_size}, scale={self.scale})" if self.train
@@ -299,10 +314,18 @@ class CLIPImageTransform:
         state["_rng_key"] = None
         return state
 
+    def set_epoch(self, epoch: int) -> None:
+        """Draw the crops of this epoch per image, from ``(seed, epoch, image hash)`` (see the class docstring)."""
+        self.epoch = int(epoch)
+
     def __call__(self, image: Any) -> torch.Tensor:
         """Decode, convert, crop/resize and normalise one image. Returns float32 [num_channels, S, S]."""
         img = to_model_mode(decode_image(image), self.num_channels, alpha_background=self.alpha_background)
-        img = self._random_resized_crop(img) if self.train else self._resize_center_crop(img)
+        if self.train:
+            rng = self._generator() if self.epoch is None else self._image_generator(img)
+            img = self._random_resized_crop(img, rng)
+        else:
+            img = self._resize_center_crop(img)
         arr = np.asarray(img, dtype=np.float32) / 255.0
         if arr.ndim == 2:
             arr = arr[:, :, None]
@@ -323,10 +346,19 @@ class CLIPImageTransform:
             self._rng_key = key
         return self._rng
 
+    def _image_generator(self, img: PIL.Image.Image) -> np.random.Generator:
+        """A generator for this image in this epoch only: seeded by (seed, epoch, hash of the decoded pixels)."""
+        digest = hashlib.blake2b(img.tobytes(), digest_size=16)
+        digest.update(f"{img.mode}{img.size}".encode())
+        words = np.frombuffer(digest.digest(), dtype=np.uint32).tolist()
+        base = int(self.seed) if self.seed is not None else int(torch.initial_seed())
+        return np.random.default_rng([base, int(self.epoch or 0), *words])
+
     # -- geometry (torchvision semantics) ---------------------------------------------------------------------------
-    def _crop_params(self, width: int, height: int) -> tuple[int, int, int, int]:
+    def _crop_params(self, width: int, height: int,
+                     rng: np.random.Generator | None = None) -> tuple[int, int, int, int]:
         """torchvision ``RandomResizedCrop.get_params``: returns (top, left, h, w)."""
-        rng = self._generator()
+        rng = rng if rng is not None else self._generator()
         area = height * width
         log_ratio = (math.log(self.ratio[0]), math.log(self.ratio[1]))
         for _ in range(10):
@@ -348,8 +380,8 @@ class CLIPImageTransform:
             w, h = width, height
         return (height - h) // 2, (width - w) // 2, h, w
 
-    def _random_resized_crop(self, img: PIL.Image.Image) -> PIL.Image.Image:
-        top, left, h, w = self._crop_params(*img.size)
+    def _random_resized_crop(self, img: PIL.Image.Image, rng: np.random.Generator | None = None) -> PIL.Image.Image:
+        top, left, h, w = self._crop_params(*img.size, rng)
         img = img.crop((left, top, left + w, top + h))
         return img.resize((self.image_size, self.image_size), PIL.Image.Resampling.BICUBIC)
 
@@ -694,6 +726,10 @@ def load_image_dataset(
             found = re.search(r"\[([^\]]*)\]", msg)
             available = [s.strip(" '\"") for s in found.group(1).split(",")] if found else None
             raise _missing_split_error(split, source, available) from err
+        if "corresponds to no data" in msg:  # datasets' words for a split that exists but holds no example
+            raise ValueError(f"Split {split!r} of {source} is empty: no images were found. Check the path and the "
+                             "layout (class folders: root/<class>/<image>.jpg|png|...; webdataset: tars of "
+                             "<key>.jpg + <key>.cls), or pick a split with data.") from err
         raise
     except RuntimeError as err:
         if "scripts are no longer supported" in str(err):
@@ -814,6 +850,13 @@ class _ImageTransformer:
             raise CorruptImageError(f"Corrupt image: {name}: {err} {_SKIP_HINT}", sample=name) from err
 
 
+REFERENCE_COLUMN = "z0"  # cached frozen-model embeddings for reference_mode="cached"
+
+
+def _as_z0(value: Any) -> torch.Tensor:
+    return torch.as_tensor(np.asarray(value, dtype=np.float32))
+
+
 class _BatchTransform(_ImageTransformer):
     def __call__(self, batch: dict[str, list[Any]]) -> dict[str, list[Any]]:
         images = batch["image"]
@@ -822,6 +865,8 @@ class _BatchTransform(_ImageTransformer):
         out: dict[str, list[Any]] = {"pixel_values": [self.one(im, k, u) for im, k, u in zip(images, keys, urls)]}
         if "label" in batch:
             out["labels"] = [int(v) for v in batch["label"]]
+        if REFERENCE_COLUMN in batch:  # cached reference embeddings (add_reference_embeddings) travel with the image
+            out[REFERENCE_COLUMN] = [_as_z0(v) for v in batch[REFERENCE_COLUMN]]
         return out
 
 
@@ -832,6 +877,8 @@ class _ExampleTransform(_ImageTransformer):
         }
         if "label" in example:
             out["labels"] = int(example["label"])
+        if REFERENCE_COLUMN in example:
+            out[REFERENCE_COLUMN] = _as_z0(example[REFERENCE_COLUMN])
         return out
 
 
@@ -859,7 +906,8 @@ def with_image_transform(
 
 
 class ImageClassificationCollator:
-    """Stack examples into ``{"pixel_values": [B, C, H, W] float, "labels": [B] long}``.
+    """Stack examples into ``{"pixel_values": [B, C, H, W] float, "labels": [B] long}`` (and ``"z0": [B, d] float``
+    when the examples carry cached reference embeddings, see ``saeft_hf.embeddings.add_reference_embeddings``).
 
     Examples with ``pixel_values=None`` (corrupt images skipped by :func:`with_image_transform`) are dropped and
     counted in ``num_skipped`` (per process: with DataLoader workers each worker has its own copy; the skips are
@@ -894,4 +942,14 @@ class ImageClassificationCollator:
                                      "the head (label column, numeric folder names, class subset), or resize the "
                                      "head (num_labels).")
             batch["labels"] = labels
+        if any(REFERENCE_COLUMN in f for f in kept):
+            missing = sum(1 for f in kept if f.get(REFERENCE_COLUMN) is None)
+            if missing:
+                raise ValueError(f"{missing} of {len(kept)} examples in this batch have no `{REFERENCE_COLUMN}` while "
+                                 "the others do: add reference embeddings to every row (add_reference_embeddings).")
+            z0 = [torch.as_tensor(f[REFERENCE_COLUMN], dtype=torch.float32) for f in kept]
+            widths = {tuple(t.shape) for t in z0}
+            if len(widths) > 1 or z0[0].dim() != 1:
+                raise ValueError(f"`{REFERENCE_COLUMN}` must be one [d] vector per example; got shapes {sorted(widths)}.")
+            batch[REFERENCE_COLUMN] = torch.stack(z0)
         return batch

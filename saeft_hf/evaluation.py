@@ -411,7 +411,8 @@ def evaluate_accuracy(
             ds = ds.take(max_samples)
         else:
             ds = ds.select(range(min(max_samples, len(ds))))
-    if transform is not None:
+    if transform is not None and "pixel_values" not in (_column_names_of(ds) or ()):
+        # Datasets that already hold pixel_values (see `pretransform`) skip the transform.
         ds = with_image_transform(ds, transform, skip_corrupt_images=skip_corrupt_images)
     collator = ImageClassificationCollator(num_labels=spec.num_classes if spec is not None else None)
     loader = torch.utils.data.DataLoader(ds, batch_size=batch_size, collate_fn=collator, num_workers=num_workers)
@@ -451,6 +452,28 @@ def evaluate_accuracy(
     if total == 0:
         raise ValueError("No samples were evaluated (empty dataset, max_samples=0, or every image skipped).")
     return correct / total
+
+
+def _column_names_of(ds: AnyDataset) -> list[str] | None:
+    return list(getattr(ds, "column_names", None) or []) or None
+
+
+def pretransform(
+    dataset: AnyDataset, transform: Callable[[Any], torch.Tensor], *, batch_size: int = 512
+) -> datasets.Dataset:
+    """Apply a deterministic (eval) transform once and keep the result as a torch-formatted dataset with
+    ``pixel_values`` and ``labels``, so repeated evaluations (WiSE-FT sweeps, many methods) skip decoding."""
+    loader = torch.utils.data.DataLoader(with_image_transform(dataset, transform), batch_size=batch_size,
+                                         collate_fn=ImageClassificationCollator())
+    pixels, labels = [], []
+    for batch in loader:
+        pixels.append(batch["pixel_values"].numpy())
+        labels.append(batch["labels"].numpy())
+    if not pixels:
+        raise ValueError("pretransform got an empty dataset.")
+    return datasets.Dataset.from_dict(
+        {"pixel_values": np.concatenate(pixels), "labels": np.concatenate(labels)}
+    ).with_format("torch")
 
 
 def evaluate_sets(

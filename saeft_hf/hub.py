@@ -44,8 +44,10 @@ PRETTY_NAMES = {
 }
 
 
-def _redact(text: str) -> str:
-    """Remove anything that looks like a Hugging Face token."""
+def _redact(text: str, token: str | None = None) -> str:
+    """Remove anything that looks like a Hugging Face token, and the given token whatever its form."""
+    if token:
+        text = text.replace(token, "***")
     return re.sub(r"hf_[A-Za-z0-9]{8,}", "hf_***", text)
 
 
@@ -152,7 +154,8 @@ def push_run_to_hub(
         )
     except Exception as err:
         raise RuntimeError(
-            f"Pushing {output_dir} to the Hub repo {repo_id} failed ({type(err).__name__}: {_redact(str(err))}). "
+            f"Pushing {output_dir} to the Hub repo {repo_id} failed "
+            f"({type(err).__name__}: {_redact(str(err), token)}). "
             f"Your local outputs are intact. Log in with `hf auth login` (or set HF_TOKEN), check the network, then "
             f"retry with: hf upload {repo_id} {output_dir} --exclude 'checkpoint-*' '*.pt' '*.bin'"
         ) from None

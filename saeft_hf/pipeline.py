@@ -14,19 +14,26 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+import datasets
 import torch
 import yaml
 from transformers import HfArgumentParser
 
 from .config import SAEFTConfig
-from .data import ImageClassificationCollator, transforms_from_pretrained, with_image_transform
-from .embeddings import compute_embeddings
+from .data import (
+    REFERENCE_COLUMN,
+    ImageClassificationCollator,
+    check_dataset_size,
+    transforms_from_pretrained,
+    with_image_transform,
+)
+from .embeddings import add_reference_embeddings, compute_embeddings
 from .evaluation import evaluate_sets, shift_averages, wise_ft_sweep
 from .hub import push_run_to_hub, save_results, write_model_card
 from .lora import add_lora, save_base_config
 from .sae import SAEConfig, SparseAutoencoder
 from .sae_training import train_sae
-from .trainer import SAE_SUBFOLDER, SAEFTTrainer, base_classifier
+from .trainer import SAE_SUBFOLDER, SAEFTTrainer, SetEpochCallback, base_classifier
 from .zeroshot import fit_linear_probe, from_clip, set_head
 
 logger = logging.getLogger(__name__)
@@ -110,11 +117,13 @@ def train_sae_for_model(
     *,
     output_dir: str | None = None,
     seed: int = 0,
+    skip_corrupt_images: bool = False,
 ) -> SparseAutoencoder:
     """Train an SAE on the pre-trained model's embeddings of `dataset` (eval transform, no augmentation)."""
     if model_args.sae_max_samples is not None:
         dataset = dataset.take(model_args.sae_max_samples) if hasattr(dataset, "take") else dataset
-    images = with_image_transform(dataset, eval_transform)
+    # The same skip policy as training: a corrupt image must not stop the SAE's embedding pass when skips are on.
+    images = with_image_transform(dataset, eval_transform, skip_corrupt_images=skip_corrupt_images)
     cache = os.path.join(output_dir, "sae_embeddings.safetensors") if output_dir else None
     embeddings = compute_embeddings(
         model, images, batch_size=model_args.embedding_batch_size, cache_path=cache,
@@ -137,9 +146,10 @@ def train_sae_for_model(
     return result.sae
 
 
-def init_linear_probe_head(model: Any, dataset: Any, eval_transform: Callable[[Any], torch.Tensor], batch_size: int) -> None:
+def init_linear_probe_head(model: Any, dataset: Any, eval_transform: Callable[[Any], torch.Tensor], batch_size: int,
+                           skip_corrupt_images: bool = False) -> None:
     """LP-FT: fit the head as a logistic regression on frozen embeddings, starting from the zero-shot head."""
-    images = with_image_transform(dataset, eval_transform)
+    images = with_image_transform(dataset, eval_transform, skip_corrupt_images=skip_corrupt_images)
     base = base_classifier(model)
     rep = base.config.representation
     base.config.representation = "image_embeds"  # the head reads the projected embedding
@@ -149,6 +159,51 @@ def init_linear_probe_head(model: Any, dataset: Any, eval_transform: Callable[[A
         base.config.representation = rep
     weight, bias = fit_linear_probe(features, labels, base.config.num_labels, init_weight=base.classifier.weight.detach())
     set_head(base, weight, bias)
+
+
+def _check_sizes(train_dataset: Any, eval_dataset: Any | None, training_args: SAEFTConfig) -> None:
+    """Fail before any model is built when a map-style train or eval set is empty, or too small for one step.
+
+    Streaming sets are not counted: that would read (and, behind a shuffle buffer, download) data just to check.
+    """
+    def sized(ds: Any) -> bool:
+        return not isinstance(ds, datasets.IterableDataset) and hasattr(ds, "__len__")
+
+    if train_dataset is None:
+        raise ValueError("run_saeft needs a train_dataset.")
+    if sized(train_dataset):
+        needed = 1
+        if training_args.dataloader_drop_last:  # a partial batch is dropped: one full step's worth is needed
+            needed = (training_args.per_device_train_batch_size * training_args.gradient_accumulation_steps
+                      * max(1, training_args.world_size))
+        check_dataset_size(train_dataset, needed, "The training set")
+    if eval_dataset is not None and sized(eval_dataset):
+        check_dataset_size(eval_dataset, 1, "The evaluation set")
+
+
+def add_cached_reference(model: Any, dataset: Any, eval_transform: Callable[[Any], torch.Tensor],
+                         model_args: ModelArguments, training_args: SAEFTConfig, split: str, *,
+                         skip_corrupt_images: bool = False) -> Any:
+    """`reference_mode="cached"`: `dataset` with a `z0` column from the pre-trained `model` (eval transform), cached in
+    `output_dir/reference_embeddings_<split>.safetensors`. A dataset that already has `z0` is used as it is; a
+    streaming one must have it (see `saeft_hf.embeddings.add_reference_embeddings`)."""
+    if REFERENCE_COLUMN in (dataset.column_names or []):
+        return dataset
+    if isinstance(dataset, datasets.IterableDataset):
+        raise ValueError(
+            f"reference_mode='cached' with a streaming {split} dataset that has no `{REFERENCE_COLUMN}` column: "
+            "precompute it on a map-style copy (saeft_hf.embeddings.add_reference_embeddings), store it with the "
+            "images and stream that, or use reference_mode='live'."
+        )
+    cache = os.path.join(training_args.output_dir, f"reference_embeddings_{split}.safetensors")
+    key = (f"{model_args.model_name_or_path}|{model_args.representation}|{split}|"
+           f"{getattr(dataset, '_fingerprint', None)}")
+    with training_args.main_process_first(desc=f"reference embeddings ({split})"):
+        autocast = torch.bfloat16 if training_args.bf16 else (torch.float16 if training_args.fp16 else None)
+        return add_reference_embeddings(dataset, model, eval_transform, batch_size=model_args.embedding_batch_size,
+                                        device=training_args.device, autocast_dtype=autocast,
+                                        skip_corrupt_images=skip_corrupt_images, cache_path=cache, cache_key=key,
+                                        progress=False)
 
 
 def run_saeft(
@@ -182,15 +237,24 @@ def run_saeft(
         id_name / shift_names: which of `eval_sets` is the ID validation set (used to pick the WiSE-FT alpha)
             and which are shifts (averaged into `avg_shift`).
         wise_ft_alphas: sweep WiSE-FT over these alphas (weight interpolation; adapter scaling for LoRA).
+        skip_corrupt_images: skip (and log) undecodable images in the SAE, linear-probe, training and eval passes.
         model: a ready classifier (skips `build_model`).
+
+    Fails before building anything when a map-style train or eval set is empty (or, with `dataloader_drop_last`,
+    smaller than one step). With `push_to_hub`, the upload happens here, once, at the end: the Trainer's own
+    `push_to_hub` is turned off and `hub_token` is taken out of `training_args` (so no `training_args.bin` holds
+    it). Several processes: only the main process trains and saves the SAE (the others load it) and writes the
+    results and the card, and pushes.
     """
     start = time.time()
     output_dir = training_args.output_dir
+    _check_sizes(train_dataset, eval_dataset, training_args)
     train_transform, eval_transform = transforms_from_pretrained(model_args.model_name_or_path, seed=training_args.seed)
     if model is None:
         model = build_model(model_args, classnames, templates)
     if training_args.head_init == "linear-probe":
-        init_linear_probe_head(model, train_dataset, eval_transform, model_args.embedding_batch_size)
+        init_linear_probe_head(model, train_dataset, eval_transform, model_args.embedding_batch_size,
+                               skip_corrupt_images=skip_corrupt_images)
 
     needs_sae = training_args.regularizer == "sae_ft" and training_args.regularization_active
     if needs_sae and sae is None:
@@ -198,12 +262,26 @@ def run_saeft(
             sae = SparseAutoencoder.from_pretrained(training_args.sae_name_or_path)
         else:
             sae_dir = os.path.join(output_dir, SAE_SUBFOLDER)
-            if os.path.isfile(os.path.join(sae_dir, "model.safetensors")):
-                sae = SparseAutoencoder.from_pretrained(sae_dir)  # resuming: reuse the SAE trained before
-            else:
-                sae = train_sae_for_model(model, train_dataset, eval_transform, model_args, output_dir=output_dir,
-                                          seed=training_args.seed)
-                sae.save_pretrained(sae_dir)
+            # Several processes: the main process trains and saves the SAE while the others wait, then they load
+            # that file, so every rank regularises with the same SAE and only one process writes it. (One per node
+            # with save_on_each_node, i.e. when the nodes share no file system.)
+            with training_args.main_process_first(local=training_args.save_on_each_node, desc="training the SAE"):
+                if os.path.isfile(os.path.join(sae_dir, "model.safetensors")):
+                    sae = SparseAutoencoder.from_pretrained(sae_dir)  # resuming (or another rank): reuse it
+                else:
+                    sae = train_sae_for_model(model, train_dataset, eval_transform, model_args,
+                                              output_dir=output_dir, seed=training_args.seed,
+                                              skip_corrupt_images=skip_corrupt_images)
+                    sae.save_pretrained(sae_dir)
+
+    if (training_args.reference_mode == "cached" and training_args.regularization_active
+            and training_args.regularizer in ("sae_ft", "feature_distill")):
+        # z0 once per image from the pre-trained model, before LoRA and the trainer exist: only the reference changes.
+        train_dataset = add_cached_reference(model, train_dataset, eval_transform, model_args, training_args, "train",
+                                             skip_corrupt_images=skip_corrupt_images)
+        if eval_dataset is not None:
+            eval_dataset = add_cached_reference(model, eval_dataset, eval_transform, model_args, training_args, "eval",
+                                                skip_corrupt_images=skip_corrupt_images)
 
     pretrained = None
     if wise_ft_alphas and not training_args.use_lora:
@@ -214,8 +292,10 @@ def run_saeft(
             target_modules=training_args.lora_target_modules, use_dora=training_args.use_dora,
         )
 
-    push = training_args.push_to_hub
+    push, hub_token = training_args.push_to_hub, training_args.hub_token
     training_args.push_to_hub = False  # we push model, SAE, results and card together at the end
+    # ...so the Trainer never needs the token: keep it out of the args it pickles into every training_args.bin.
+    training_args.hub_token = None
     num_labels = len(classnames)
     trainer = SAEFTTrainer(
         model=model,
@@ -225,6 +305,8 @@ def run_saeft(
         eval_dataset=(with_image_transform(eval_dataset, eval_transform, skip_corrupt_images=skip_corrupt_images)
                       if eval_dataset is not None else None),
         data_collator=ImageClassificationCollator(num_labels=num_labels),
+        # Per-image crops keyed on (seed, epoch, image): a resumed or multi-process run sees the same augmentation.
+        callbacks=[SetEpochCallback(train_transform)],
     )
     trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
     trainer.save_model(output_dir)
@@ -238,7 +320,7 @@ def run_saeft(
     if eval_sets:
         def evaluate_fn(m: Any) -> dict[str, float]:
             accs = evaluate_sets(m, eval_sets, eval_transform, batch_size=eval_batch_size,
-                                 max_samples=max_eval_samples, progress=False)
+                                 max_samples=max_eval_samples, progress=False, skip_corrupt_images=skip_corrupt_images)
             return {**accs, **shift_averages(accs, id_name, [n for n in shift_names if n in accs])}
 
         results["final"] = evaluate_fn(trainer.model)
@@ -269,7 +351,7 @@ def run_saeft(
         )
         if push:
             repo_id = training_args.hub_model_id or os.path.basename(os.path.normpath(output_dir))
-            url = push_run_to_hub(output_dir, repo_id, token=training_args.hub_token,
+            url = push_run_to_hub(output_dir, repo_id, token=hub_token,
                                   private=training_args.hub_private_repo, revision=training_args.hub_revision)
             logger.info("Pushed to %s", url)
     return RunResult(trainer=trainer, sae=sae, results=results)

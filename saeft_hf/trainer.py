@@ -8,6 +8,7 @@ augmented images (a frozen copy for full fine-tuning; for LoRA, the same model w
 from __future__ import annotations
 
 import copy
+import math
 import os
 from collections import defaultdict
 from typing import Any
@@ -17,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from peft import PeftModel
 from torch import nn
-from transformers import EvalPrediction, Trainer
+from transformers import EvalPrediction, Trainer, TrainerCallback
 
 from .config import SAEFTConfig
 from .modeling import SAEFTCLIPForImageClassification
@@ -42,6 +43,28 @@ def base_classifier(model: nn.Module) -> SAEFTCLIPForImageClassification:
             f"{type(base).__name__}. Build it with saeft_hf.zeroshot.from_clip(...)."
         )
     return base
+
+
+class SetEpochCallback(TrainerCallback):
+    """Call `set_epoch(epoch)` on some objects (e.g. the train transform) at the start of every training epoch.
+
+    Epochs are numbered as the Trainer's loop numbers them, also after `resume_from_checkpoint`: the first epoch of a
+    `train()` call is `floor(state.epoch)` (the epoch the resumed checkpoint is in), then one more per epoch.
+    Counting, rather than reading `state.epoch` each time, keeps the numbering right when a streaming epoch ends
+    before the `max_steps` steps the Trainer assumes for it.
+    """
+
+    def __init__(self, *targets: Any) -> None:
+        self.targets = [t for t in targets if hasattr(t, "set_epoch")]
+        self._epoch: int | None = None
+
+    def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        self._epoch = None
+
+    def on_epoch_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        self._epoch = int(math.floor(state.epoch or 0.0)) if self._epoch is None else self._epoch + 1
+        for target in self.targets:
+            target.set_epoch(self._epoch)
 
 
 class SAEFTTrainer(Trainer):
@@ -144,7 +167,7 @@ class SAEFTTrainer(Trainer):
             if args.regularizer == "l2sp":
                 reg = l2sp_penalty(model.named_parameters(), self._l2sp_reference)
             else:
-                if cached_z0 is not None:
+                if args.reference_mode == "cached" and cached_z0 is not None:
                     z0 = cached_z0.to(z.device)
                 elif args.reference_mode == "cached":
                     raise ValueError(
