@@ -24,7 +24,7 @@ import torch
 from ..config import SAEFTConfig
 from ..data import transforms_from_pretrained, with_image_transform
 from ..embeddings import compute_embeddings
-from ..evaluation import evaluate_sets, shift_averages
+from ..evaluation import evaluate_sets, pretransform, shift_averages
 from ..hub import save_results
 from ..pipeline import ModelArguments, run_saeft
 from ..sae import SAEConfig, SparseAutoencoder
@@ -38,7 +38,7 @@ ALL_METHODS: tuple[str, ...] = (
     "zeroshot", "linear_probe", "ft", "lp_ft", "wise_ft", "l2sp", "feature_distill", "sae_ft", "sae_ft_wise",
     "lora_ft", "lora_sae_ft",
 )
-WISE_ALPHAS: tuple[float, ...] = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
+WISE_ALPHAS: tuple[float, ...] = (0.0, 0.2, 0.4, 0.6, 0.8, 1.0)
 
 
 @dataclass
@@ -134,9 +134,15 @@ def run_digit_experiment(cfg: DigitExperimentConfig) -> dict[str, Any]:
     if cfg.max_train_samples:
         finetune = finetune.select(range(min(cfg.max_train_samples, len(finetune))))
     eval_names = ["validation", ID_TEST_SPLIT, *SHIFT_SPLITS, TUNE_SHIFT_SPLIT]
-    eval_sets = {name: (data[name], None) for name in eval_names}
     clip_path = tiny_clip_path()
     _, eval_transform = transforms_from_pretrained(clip_path)
+    # The eval transform is deterministic: decode and transform every evaluation image once.
+    eval_sets = {}
+    for name in eval_names:
+        ds = data[name]
+        if cfg.max_eval_samples:
+            ds = ds.select(range(min(cfg.max_eval_samples, len(ds))))
+        eval_sets[name] = (pretransform(ds, eval_transform), None)
     model_args = ModelArguments(model_name_or_path=clip_path, embedding_batch_size=512)
 
     def evaluate(model: Any) -> dict[str, float]:
