@@ -250,12 +250,33 @@ class SparseAutoencoder(
         return torch.addmm(b_dec.to(codes.dtype), codes, w_dec.to(codes.dtype))
 
     def forward(self, x: torch.Tensor) -> SAEOutput:
-        """Preprocess, encode and decode. [B, d_in] -> `SAEOutput`."""
+        """Preprocess, encode and decode. [B, d_in] -> `SAEOutput`.
+
+        For `topk_signed` and `topk` the decode reads only the k kept atoms per row (`embedding_bag`). In fp32
+        without autocast the backward also uses the sparsity: the encoder and decoder weight gradients come from the
+        k kept entries per row (sparse matmuls on CPU, where they beat dense ones), the pre-bias gradient from a
+        [d_sae] vector, and no dense [B, d_sae] gradient is built unless `pre_activations` itself is in the loss
+        (AuxK). Same values and gradients as `decode(activate(pre_activations(x)))` up to float summation order.
+        """
         x = self.preprocess(x)
         self._check_width(x)
-        pre = self.pre_activations(x)
-        codes = self.activate(pre)
-        return SAEOutput(x=x, pre_activations=pre, codes=codes, reconstruction=self.decode(codes))
+        activation = self.config.activation
+        if activation not in ("topk_signed", "topk"):
+            pre = self.pre_activations(x)
+            codes = self.activate(pre)
+            return SAEOutput(x=x, pre_activations=pre, codes=codes, reconstruction=self.decode(codes))
+        if x.dim() == 2 and x.dtype == self.W_enc.dtype and not torch.is_autocast_enabled(x.device.type):
+            pre, values, indices = _TopKEncode.apply(x, self.W_enc, self.b_enc, self.b_dec, self.config.k)
+        else:
+            pre = self.pre_activations(x)
+            values, indices = pre.topk(self.config.k, dim=-1, sorted=False)
+        if activation == "topk":
+            values = F.relu(values)  # = TopK(ReLU(pre)): a kept non-positive entry becomes a zero code either way
+        codes = torch.zeros_like(pre).scatter_(-1, indices, values)
+        weight = self.W_dec if self.W_dec.dtype == values.dtype else self.W_dec.to(values.dtype)
+        reconstruction = _TopKDecode.apply(values, indices, codes.detach(), weight)
+        reconstruction = reconstruction + self.b_dec.to(reconstruction.dtype)
+        return SAEOutput(x=x, pre_activations=pre, codes=codes, reconstruction=reconstruction)
 
     @torch.no_grad()
     def normalize_decoder_(self) -> None:
@@ -437,6 +458,93 @@ def _keep_topk(pre: torch.Tensor, k: int) -> torch.Tensor:
     """Zero all but the k largest entries of each row. [B, F] -> [B, F]; gradients flow through the kept ones."""
     values, indices = pre.topk(k, dim=-1, sorted=False)
     return torch.zeros_like(pre).scatter(-1, indices, values)
+
+
+def _sparse_rows_t(indices: torch.Tensor, values: torch.Tensor, n_cols: int) -> torch.Tensor:
+    """The transpose [n_cols, B] of the [B, n_cols] matrix with `values` [B, k] at `indices` [B, k], as sparse COO."""
+    rows = torch.arange(indices.shape[0], device=indices.device).repeat_interleave(indices.shape[1])
+    return torch.sparse_coo_tensor(torch.stack([indices.reshape(-1), rows]), values.reshape(-1),
+                                   (n_cols, indices.shape[0]), check_invariants=False)
+
+
+def _use_sparse_backward(t: torch.Tensor) -> bool:
+    # CPU: k-sparse matmuls are several times faster than dense ones at SAE sizes; on GPUs dense matmuls win.
+    return t.device.type == "cpu"
+
+
+class _TopKEncode(torch.autograd.Function):
+    """`pre = (x - b_dec) @ W_enc + b_enc` and its top k per row; returns (pre, values, indices).
+
+    Same forward as `pre_activations` + `topk`. The backward takes the gradient of the kept values [B, k]: when
+    `pre` itself gets no gradient, the weight gradient is a k-sparse product (CPU) and no dense [B, d_sae] gradient
+    is built; the pre-bias gradient is `-(W_enc @ column sums)`, a vector product instead of a [B, d_in] matmul.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, w_enc: torch.Tensor, b_enc: torch.Tensor, b_dec: torch.Tensor,
+                k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        centred = x - b_dec
+        pre = torch.addmm(b_enc, centred, w_enc)
+        values, indices = pre.topk(k, dim=-1, sorted=False)
+        ctx.save_for_backward(centred, w_enc, indices)
+        ctx.mark_non_differentiable(indices)
+        ctx.set_materialize_grads(False)
+        return pre, values, indices
+
+    @staticmethod
+    def backward(ctx: Any, grad_pre: torch.Tensor | None, grad_values: torch.Tensor | None,
+                 _grad_indices: Any) -> tuple[torch.Tensor | None, ...]:
+        centred, w_enc, indices = ctx.saved_tensors
+        need_x, need_w, need_b_enc, need_b_dec, _ = ctx.needs_input_grad
+        if grad_pre is None and grad_values is None:
+            return None, None, None, None, None
+        n_features = w_enc.shape[1]
+        if grad_pre is None and _use_sparse_backward(centred):
+            s_t = _sparse_rows_t(indices, grad_values, n_features)  # the [B, d_sae] gradient of pre, transposed
+            grad_x = torch.sparse.mm(s_t.t(), w_enc.T) if need_x else None
+            grad_w = torch.sparse.mm(s_t, centred).T if need_w else None
+            column_sum = None
+            if need_b_enc or need_b_dec:
+                column_sum = centred.new_zeros(n_features).index_add_(0, indices.reshape(-1), grad_values.reshape(-1))
+        else:
+            grad = centred.new_zeros(centred.shape[0], n_features) if grad_pre is None else grad_pre.clone()
+            if grad_values is not None:
+                grad.scatter_add_(-1, indices, grad_values)  # top-k indices are distinct within a row
+            grad_x = grad @ w_enc.T if need_x else None
+            grad_w = centred.T @ grad if need_w else None
+            column_sum = grad.sum(0) if (need_b_enc or need_b_dec) else None
+        grad_b_enc = column_sum if need_b_enc else None
+        grad_b_dec = None
+        if need_b_dec:
+            grad_b_dec = -grad_x.sum(0) if grad_x is not None else -(w_enc @ column_sum)
+        return grad_x, grad_w, grad_b_enc, grad_b_dec, None
+
+
+class _TopKDecode(torch.autograd.Function):
+    """`codes @ W_dec` for codes with k non-zeros per row (`values` at `indices`; `codes` is their dense form).
+
+    The forward reads only the k kept atoms per row (`embedding_bag`). The backward computes the values' gradient
+    with a dense matmul and a gather (faster than gathering B x k atoms), and the weight gradient as a k-sparse
+    product on CPU, a dense one elsewhere (`embedding_bag`'s own backward sorts all B x k indices: slower).
+    """
+
+    @staticmethod
+    def forward(ctx: Any, values: torch.Tensor, indices: torch.Tensor, codes: torch.Tensor, w_dec: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(values, indices, codes, w_dec)
+        return F.embedding_bag(indices, w_dec, per_sample_weights=values, mode="sum")
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        values, indices, codes, w_dec = ctx.saved_tensors
+        need_values, _, _, need_w = ctx.needs_input_grad
+        grad_values = (grad @ w_dec.T).gather(-1, indices) if need_values else None
+        grad_w = None
+        if need_w:
+            if _use_sparse_backward(grad) and grad.dtype == w_dec.dtype == values.dtype:
+                grad_w = torch.sparse.mm(_sparse_rows_t(indices, values.detach(), w_dec.shape[0]), grad)
+            else:
+                grad_w = codes.T @ grad
+        return grad_values, None, None, grad_w
 
 
 def _same_model(a: str, b: str) -> bool:

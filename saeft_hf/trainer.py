@@ -133,7 +133,13 @@ class SAEFTTrainer(Trainer):
     # ------------------------------------------------------------------------------------------------------------
     @torch.no_grad()
     def reference_representation(self, model: nn.Module, pixel_values: torch.Tensor) -> torch.Tensor:
-        """z0 = f0(x) [B, d]: the frozen pre-trained model's representation, in the training precision."""
+        """z0 = f0(x) [B, d]: the frozen pre-trained model's representation, in the training precision.
+
+        One forward of the frozen model under `no_grad` with the model's own attention kernel, returning only the
+        penalty's representation (no hidden states). Not `inference_mode`: z0 enters the penalty next to the
+        trainable z, and an inference tensor that any loss term saves for backward is an error; it measured no
+        faster on CPU either. `reference_mode="cached"` removes this forward altogether.
+        """
         with self.accelerator.autocast():
             if self.is_lora:
                 peft_model = self.accelerator.unwrap_model(model)

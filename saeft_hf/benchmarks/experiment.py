@@ -72,6 +72,9 @@ class DigitExperimentConfig:
     sae_ft_normalize: bool = field(default=False, metadata={"help": "SAE-FT: unit-norm embeddings into the SAE."})
     feature_distill_lambda: float = field(default=10.0, metadata={"help": "Feature-distillation lambda_reg."})
     l2sp_lambda: float = field(default=0.01, metadata={"help": "L2-SP lambda_reg."})
+    eval_splits: list[str] | None = field(
+        default=None, metadata={"help": "Evaluate only these splits (tuning needs validation and tune_shift only)."}
+    )
     max_eval_samples: int | None = field(default=None, metadata={"help": "Cap every evaluation set (quick runs)."})
     max_train_samples: int | None = field(default=None, metadata={"help": "Cap the fine-tuning set (quick runs)."})
 
@@ -133,7 +136,7 @@ def run_digit_experiment(cfg: DigitExperimentConfig) -> dict[str, Any]:
     finetune = data["finetune"]
     if cfg.max_train_samples:
         finetune = finetune.select(range(min(cfg.max_train_samples, len(finetune))))
-    eval_names = ["validation", ID_TEST_SPLIT, *SHIFT_SPLITS, TUNE_SHIFT_SPLIT]
+    eval_names = cfg.eval_splits or ["validation", ID_TEST_SPLIT, *SHIFT_SPLITS, TUNE_SHIFT_SPLIT]
     clip_path = tiny_clip_path()
     _, eval_transform = transforms_from_pretrained(clip_path)
     # The eval transform is deterministic: decode and transform every evaluation image once.
@@ -197,8 +200,9 @@ def run_digit_experiment(cfg: DigitExperimentConfig) -> dict[str, Any]:
                 add_rows(sweep_parent, seed, sweep["results"][best])
                 curves[f"{sweep_parent}-seed{seed}"] = {
                     "alphas": sweep["alphas"], "best_alpha": sweep["best_alpha"],
-                    "id": [r[ID_TEST_SPLIT] for r in sweep["results"]],
-                    "shift_avg": [float(np.mean([r[s] for s in SHIFT_SPLITS])) for r in sweep["results"]],
+                    "id": [r.get(ID_TEST_SPLIT) for r in sweep["results"]],
+                    "shift_avg": [float(np.mean([r[s] for s in SHIFT_SPLITS if s in r] or [np.nan]))
+                                  for r in sweep["results"]],
                 }
             logger.info("%s seed %d done in %.1fs", method, seed, timings[f"{method}-seed{seed}"])
 
@@ -235,7 +239,9 @@ def summarize(rows: Sequence[dict[str, Any]]) -> dict[str, dict[str, dict[str, f
         for accs in seeds.values():
             for name, value in accs.items():
                 by_set[name].append(value)
-            by_set["shift_avg"].append(float(np.mean([accs[s] for s in SHIFT_SPLITS if s in accs])))
+            shifts = [accs[s] for s in SHIFT_SPLITS if s in accs]
+            if shifts:
+                by_set["shift_avg"].append(float(np.mean(shifts)))
         summary[method] = {
             name: {"mean": float(np.mean(v)), "std": float(np.std(v)), "n": len(v)} for name, v in by_set.items()
         }
@@ -255,7 +261,7 @@ def results_markdown(results: dict[str, Any]) -> str:
             s = stats.get(col)
             cells.append("" if s is None else f"{100 * s['mean']:.1f} ({100 * s['std']:.1f})")
         lines.append(f"| {method} | " + " | ".join(cells) + " |")
-    n_seeds = max((s[columns[0]]["n"] for s in results["summary"].values()), default=0)
+    n_seeds = max((v["n"] for s in results["summary"].values() for v in s.values()), default=0)
     lines.append("")
     lines.append(
         f"Top-1 accuracy (%), mean (std) over {n_seeds} fine-tuning seed(s). ID = `{results['id_set']}`; "
@@ -275,11 +281,15 @@ def plot_robustness(results: dict[str, Any], path: str) -> None:
     fig, ax = plt.subplots(figsize=(7, 5.5))
     id_set = results["id_set"]
     for name, curve in results["wise_ft_curves"].items():
+        if None in curve["id"]:
+            continue
         if name.endswith("seed" + str(results["config"]["seeds"][0])):
             ax.plot(np.array(curve["id"]) * 100, np.array(curve["shift_avg"]) * 100, "-", alpha=0.5,
                     label=f"{name.split('-')[0]} curve (alpha 0..1)")
     markers = "osD^v<>pP*Xh"
     for i, (method, stats) in enumerate(results["summary"].items()):
+        if id_set not in stats or "shift_avg" not in stats:
+            continue  # a tuning run that evaluated only the selection sets
         x, y = 100 * stats[id_set]["mean"], 100 * stats["shift_avg"]["mean"]
         ax.errorbar(x, y, xerr=100 * stats[id_set]["std"], yerr=100 * stats["shift_avg"]["std"],
                     fmt=markers[i % len(markers)], markersize=8, capsize=3, label=method)

@@ -25,9 +25,10 @@ the same number of steps):
 SAE training: the same planted-dictionary embeddings (sparse positive mixtures of random unit atoms plus a common
 offset and noise, unit-normalised, so FVU is meaningful), the same batches in the same order, the same width, k,
 batch, steps and learning rate, for `saeft_hf.train_sae` (`activation="topk"`, AdamW with weight decay 0, i.e.
-Adam) and SAELens' `TopKTrainingSAE` through its own `SAETrainer` (Adam, its default clipping at 1.0, AuxK off like
-ours). Both train in threads under the same round-robin baton, one step per turn; throughput is measured between
-consecutive batch requests (the training step), and FVU on the same held-out vectors.
+Adam; `init_encoder="tied"` like SAELens, and once more with our default independent init) and SAELens'
+`TopKTrainingSAE` through its own `SAETrainer` (Adam, its default clipping at 1.0, AuxK off like ours). All train in
+threads under the same round-robin baton, one step per turn; throughput is measured between consecutive batch
+requests (the training step), and FVU on the same held-out vectors.
 """
 
 from __future__ import annotations
@@ -79,7 +80,7 @@ class BenchmarkOptions:
     batch_size: int | None = None  # per-model default; on CUDA None searches the largest batch that fits
     max_batch_size: int = 1024  # upper end of the CUDA batch search
     warmup: int = 2  # steps per configuration not measured
-    steps: int = 8  # measured steps per configuration
+    steps: int = 12  # measured steps per configuration
     configs: tuple[str, ...] = FT_CONFIGS
     parts: tuple[str, ...] = PARTS
     sae_vectors: int = 200_000  # training vectors for the SAE comparison
@@ -239,7 +240,8 @@ class RoundRobin:
             self._cond.notify_all()
 
 
-def run_with_baton(baton: RoundRobin, jobs: dict[str, Callable[[], Any]], threads: int | None = None) -> dict[str, Any]:
+def run_with_baton(baton: RoundRobin, jobs: dict[str, Callable[[], Any]], threads: int | None = None,
+                   device: torch.device | None = None) -> dict[str, Any]:
     """Run each job in its own thread, one at a time under `baton` (jobs call `baton.handover` between steps).
 
     Returns the jobs' results; re-raises the first error once every thread has ended.
@@ -250,6 +252,8 @@ def run_with_baton(baton: RoundRobin, jobs: dict[str, Callable[[], Any]], thread
 
     def target(name: str) -> None:
         torch.set_num_threads(n_threads)  # the intra-op thread count is per calling thread
+        if device is not None and device.type == "cuda":
+            torch.cuda.set_device(device)  # so is the current CUDA device
         baton.acquire(name)
         try:
             results[name] = jobs[name]()
@@ -512,9 +516,12 @@ def search_batch_size(base: SAEFTCLIPForImageClassification, sae: SparseAutoenco
             except torch.cuda.OutOfMemoryError:
                 break
             finally:
+                if trainer is not None:
+                    trainer.accelerator.free_memory()
                 del trainer
                 _cleanup(device)
     finally:
+        _cleanup(device)
         torch.cuda.set_per_process_memory_fraction(1.0, device)
     if best is None:
         raise RuntimeError("Not even a batch of 8 fits for SAE-FT on this GPU.")
@@ -527,10 +534,8 @@ def benchmark_finetuning(model_name: str, opts: BenchmarkOptions, device: torch.
     sae = random_sae(base.representation_dim(), opts.seed)
     configs = [c for c in FT_CONFIGS if c in opts.configs]
 
-    def dataset_fn(batch: int, with_z0: bool = False) -> TensorImages:
-        pixels, labels = make_images(base.config, 2 * batch, opts.seed)
-        z0 = reference_embeddings(base, pixels, device, opts.bf16) if with_z0 else None
-        return TensorImages(pixels, labels, z0)
+    def dataset_fn(batch: int) -> TensorImages:  # two batches' worth of distinct images
+        return TensorImages(*make_images(base.config, 2 * batch, opts.seed))
 
     batch = opts.batch_size
     searched = False
@@ -569,7 +574,7 @@ def benchmark_finetuning(model_name: str, opts: BenchmarkOptions, device: torch.
         jobs[name] = trainer.train
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    run_with_baton(baton, jobs, opts.threads)  # one step per turn, in the order of `configs`
+    run_with_baton(baton, jobs, opts.threads, device)  # one step per turn, in the order of `configs`
 
     steps = {name: [r.step_times[i] for i in range(opts.warmup, measured) if i in r.step_times]
              for name, r in recorders.items()}
@@ -616,13 +621,15 @@ def benchmark_finetuning(model_name: str, opts: BenchmarkOptions, device: torch.
         ref_bytes = module_bytes(t.ref_model)
         sae_bytes = module_bytes(t.sae)
         model_bytes = module_bytes(t.model)
-        extra = ref_bytes + sae_bytes
+        # Model weights LoRA SAE-FT adds over LoRA: a reference copy (0: adapters are disabled instead). The SAE
+        # (the method's fixed 2 x d_sae x d_in dictionary, independent of the model's size) is reported beside it.
         out["lora_sae_ft_weights"] = {
             "reference_model_bytes": ref_bytes,
             "sae_bytes": sae_bytes,
-            "extra_weight_bytes": extra,
+            "extra_weight_bytes": ref_bytes,
             "model_weight_bytes": model_bytes,
-            "extra_fraction_of_model_weights": extra / model_bytes,
+            "extra_fraction_of_model_weights": ref_bytes / model_bytes,
+            "extra_with_sae_fraction_of_model_weights": (ref_bytes + sae_bytes) / model_bytes,
         }
         if "lora" in trainers:
             mem = out["memory"]
@@ -634,6 +641,7 @@ def benchmark_finetuning(model_name: str, opts: BenchmarkOptions, device: torch.
         out["sae_ft_weights"] = {"reference_model_bytes": module_bytes(t.ref_model), "sae_bytes": module_bytes(t.sae),
                                  "model_weight_bytes": module_bytes(t.model)}
     del trainers, jobs
+    recorders.clear()  # their closures hold the trainers
     _cleanup(device)
     return out
 
@@ -721,18 +729,20 @@ def benchmark_sae_training(opts: BenchmarkOptions, device: torch.device) -> dict
     except ImportError:
         saelens_version = None
 
-    names = ["ours"] + (["saelens"] if saelens_version else [])
+    names = ["ours"] + (["saelens"] if saelens_version else []) + ["ours_paper_init"]
     baton = RoundRobin(names)
     streams = {name: TimedBatches(batches, name, baton, device) for name in names}
 
-    def ours() -> dict[str, Any]:
+    def ours(name: str, init_encoder: str) -> dict[str, Any]:
         config = SAEConfig(d_in=d, d_sae=width, k=k, activation="topk", input_normalization="none")
-        result = train_sae(streams["ours"], config, epochs=1, batch_size=batch, lr=opts.sae_lr, weight_decay=0.0,
-                           device=device, autocast_dtype=torch.bfloat16 if opts.bf16 else None, seed=opts.seed,
+        result = train_sae(streams[name], config, epochs=1, batch_size=batch, lr=opts.sae_lr, weight_decay=0.0,
+                           init_encoder=init_encoder, device=device,
+                           autocast_dtype=torch.bfloat16 if opts.bf16 else None, seed=opts.seed,
                            log_every=max(1, n_steps), progress=False)
         with torch.no_grad():
-            recon = result.sae(heldout).reconstruction
-        return {"fvu": _fvu(heldout, recon), "l0": result.metrics["l0"], "dead_fraction": result.metrics["dead_fraction"]}
+            out = result.sae(heldout)
+        return {"fvu": _fvu(heldout, out.reconstruction), "l0": float((out.codes != 0).sum(-1).float().mean()),
+                "alive_fraction_heldout": float((out.codes != 0).any(0).float().mean())}
 
     def saelens() -> dict[str, Any]:
         torch.manual_seed(opts.seed)
@@ -750,20 +760,25 @@ def benchmark_sae_training(opts: BenchmarkOptions, device: torch.device) -> dict
         sae.eval()
         with torch.no_grad():
             recon = sae(heldout)
-            l0 = float((sae.encode(heldout) != 0).sum(-1).float().mean())
-        return {"fvu": _fvu(heldout, recon), "l0": l0}
+            codes = sae.encode(heldout)
+        return {"fvu": _fvu(heldout, recon), "l0": float((codes != 0).sum(-1).float().mean()),
+                "alive_fraction_heldout": float((codes != 0).any(0).float().mean())}
 
-    jobs = {"ours": ours}
+    jobs: dict[str, Callable[[], Any]] = {"ours": lambda: ours("ours", "tied")}
     if saelens_version:
         jobs["saelens"] = saelens
-    results = run_with_baton(baton, jobs, opts.threads)
+    jobs["ours_paper_init"] = lambda: ours("ours_paper_init", "independent")
+    results = run_with_baton(baton, jobs, opts.threads, device)
     out: dict[str, Any] = {
         "vectors": opts.sae_vectors, "heldout": opts.sae_heldout, "d_in": d, "d_sae": width, "k": k,
         "batch_size": batch, "steps": n_steps, "lr": opts.sae_lr, "warmup_steps_excluded": warm,
         "saelens_version": saelens_version,
-        "settings": "ours: train_sae(activation='topk', input_normalization='none', AdamW weight_decay=0); "
-                    "SAELens: TopKTrainingSAE(rescale_acts_by_decoder_norm=False, aux_loss_coefficient=0) + "
-                    "SAETrainer (Adam, clip 1.0, its own init); identical batches in identical order",
+        "settings": "same width, k, batch, steps, lr and identical batches in identical order. ours: "
+                    "train_sae(activation='topk', input_normalization='none', weight_decay=0 (AdamW = Adam), "
+                    "init_encoder='tied' (W_enc = W_dec.T at init, like SAELens)); ours_paper_init: the same with "
+                    "the default independent Kaiming encoder init; SAELens: TopKTrainingSAE("
+                    "rescale_acts_by_decoder_norm=False, aux_loss_coefficient=0) + SAETrainer (Adam, clip 1.0, "
+                    "tied init with decoder norm 0.1, its defaults)",
     }
     for name in names:
         times = streams[name].training_pass()[warm:]
@@ -788,11 +803,13 @@ def benchmark_sae_training(opts: BenchmarkOptions, device: torch.device) -> dict
 
 
 def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"--device {name} but CUDA is not available.")
+    """`auto` -> CUDA if available else CPU; a CUDA device always gets an index (set_device needs one)."""
+    device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if name == "auto" else name)
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"--device {name} but CUDA is not available.")
+        if device.index is None:
+            device = torch.device("cuda", torch.cuda.current_device())
     return device
 
 
@@ -835,6 +852,8 @@ def _load() -> list[float] | None:
 def run_benchmark(opts: BenchmarkOptions, command: str | None = None) -> dict[str, Any]:
     """Run the parts in `opts` and return the JSON-ready results (also written to `opts.output`)."""
     device = resolve_device(opts.device)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)  # the Trainer places models on the current CUDA device
     if opts.threads:
         torch.set_num_threads(opts.threads)
     models = opts.models or (("vit_b16", "digits") if device.type == "cuda" else ("vit_b32", "digits"))
@@ -880,11 +899,13 @@ def run_benchmark(opts: BenchmarkOptions, command: str | None = None) -> dict[st
         "lora_sae_ft_extra_reference_bytes": lora_weights.get("reference_model_bytes"),
         "lora_sae_ft_sae_bytes": lora_weights.get("sae_bytes"),
         "lora_sae_ft_extra_weight_fraction": lora_weights.get("extra_fraction_of_model_weights"),
+        "lora_sae_ft_extra_with_sae_fraction": lora_weights.get("extra_with_sae_fraction_of_model_weights"),
         "trainer_vs_loop_throughput": ratios.get("trainer_vs_loop_throughput"),
         "trainer_vs_loop_throughput_end_to_end": ratios.get("trainer_vs_loop_throughput_end_to_end"),
         "sae_train_speedup_vs_saelens": sae_part.get("speedup_vs_saelens"),
         "fvu_ours": sae_part.get("ours", {}).get("fvu"),
         "fvu_saelens": sae_part.get("saelens", {}).get("fvu"),
+        "fvu_ours_paper_init": sae_part.get("ours_paper_init", {}).get("fvu"),
         "load_average_end": _load(),
         "wall_time_s": round(time.time() - start, 1),
     })
