@@ -40,6 +40,13 @@ def test_results_json_schema(quick_results):
     assert curve["alphas"][0] == 0.0 and curve["alphas"][-1] == 1.0 and curve["best_alpha"] in curve["alphas"]
 
 
+def test_feature_report_written(quick_results):
+    results = json.loads((quick_results / "results.json").read_text())
+    assert set(results["interpretation"]) == {"FT", "SAE-FT"}
+    html = (quick_results / "interpret" / "report.html").read_text()
+    assert "SAE-FT" in html and "data:image/png;base64" in html
+
+
 def test_markdown_and_plot_written(quick_results):
     table = (quick_results / "results.md").read_text()
     assert "| sae_ft |" in table and "shift_avg" in table

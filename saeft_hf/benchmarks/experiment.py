@@ -76,6 +76,7 @@ class DigitExperimentConfig:
     eval_splits: list[str] | None = field(
         default=None, metadata={"help": "Evaluate only these splits (tuning needs validation and tune_shift only)."}
     )
+    interpret: bool = field(default=True, metadata={"help": "Write the FT vs SAE-FT feature report (interpret/)."})
     max_eval_samples: int | None = field(default=None, metadata={"help": "Cap every evaluation set (quick runs)."})
     max_train_samples: int | None = field(default=None, metadata={"help": "Cap the fine-tuning set (quick runs)."})
 
@@ -209,6 +210,22 @@ def run_digit_experiment(cfg: DigitExperimentConfig) -> dict[str, Any]:
                 }
             logger.info("%s seed %d done in %.1fs", method, seed, timings[f"{method}-seed{seed}"])
 
+    interpretation = None
+    first = cfg.seeds[0]
+    if cfg.interpret and "ft" in cfg.methods and "sae_ft" in cfg.methods:
+        # Which SAE features did FT and SAE-FT add and remove on the ID test set? (report.html + summary.json)
+        from ..interpret import interpret_runs
+
+        runs_dir = os.path.join(cfg.output_dir, "runs")
+        reports = interpret_runs(
+            clip_path,
+            {"FT": os.path.join(runs_dir, f"ft-seed{first}"), "SAE-FT": os.path.join(runs_dir, f"sae_ft-seed{first}")},
+            sae, data[ID_TEST_SPLIT], eval_transform, output_dir=os.path.join(cfg.output_dir, "interpret"),
+            text_model=clip_path, classnames=CLASSNAMES, templates=TEMPLATES,
+            max_samples=cfg.max_eval_samples, progress=False,
+        )
+        interpretation = {name: report.summary() for name, report in reports.items()}
+
     results = {
         "id_set": ID_TEST_SPLIT,
         "shift_sets": list(SHIFT_SPLITS),
@@ -217,6 +234,7 @@ def run_digit_experiment(cfg: DigitExperimentConfig) -> dict[str, Any]:
         "rows": rows,
         "summary": summarize(rows),
         "wise_ft_curves": curves,
+        "interpretation": interpretation,
         "config": asdict(cfg),
         "sae_metrics": sae.config.training_metrics,
         "split_sizes": split_sizes(data),
