@@ -761,10 +761,12 @@ def wise_ft_sweep(
     alphas: Sequence[float],
     evaluate_fn: Callable[[nn.Module], Mapping[str, float]],
     select_on: str,
+    known: Mapping[float, Mapping[str, float]] | None = None,
 ) -> WiseFTResult:
     """Evaluate WiSE-FT at each alpha and pick the alpha with the highest ``select_on`` metric.
 
-    ``evaluate_fn(model) -> {name: metric}`` is called once per alpha on the interpolated model.
+    ``evaluate_fn(model) -> {name: metric}`` is called once per alpha on the interpolated model, except for the
+    alphas in ``known`` ({alpha: metrics} already measured, e.g. 0 = the pre-trained model, 1 = the fine-tuned one).
     ``select_on`` must be an in-distribution *validation* metric (e.g. a held-out ImageNet-train split or ImageNet
     val): choosing alpha on a distribution shift would leak the test distribution into the model and overstate
     robustness. Ties go to the first alpha in ``alphas``; NaN never wins.
@@ -784,8 +786,12 @@ def wise_ft_sweep(
         results.append({k: float(v) for k, v in metrics.items()})
         logger.info("WiSE-FT alpha=%.3f: %s", alpha, results[-1])
 
+    known = dict(known or {})
     if isinstance(finetuned_model, PeftModel):
         for alpha in alpha_list:
+            if alpha in known:  # e.g. alpha 1 = the fine-tuned model, already evaluated
+                record(alpha, known[alpha])
+                continue
             with scale_lora(finetuned_model, alpha):
                 record(alpha, evaluate_fn(finetuned_model))
     else:
@@ -796,6 +802,9 @@ def wise_ft_sweep(
         _check_compatible(theta0, theta1)
         work = copy.deepcopy(finetuned_model)
         for alpha in alpha_list:
+            if alpha in known:
+                record(alpha, known[alpha])
+                continue
             _lerp_into(work, theta0, theta1, alpha)
             record(alpha, evaluate_fn(work))
         del work

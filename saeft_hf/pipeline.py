@@ -219,6 +219,7 @@ def run_saeft(
     id_name: str = "validation",
     shift_names: Sequence[str] = (),
     wise_ft_alphas: Sequence[float] | None = None,
+    wise_ft_known: Mapping[float, Mapping[str, float]] | None = None,
     eval_batch_size: int = 256,
     max_eval_samples: int | None = None,
     skip_corrupt_images: bool = False,
@@ -237,6 +238,8 @@ def run_saeft(
         id_name / shift_names: which of `eval_sets` is the ID validation set (used to pick the WiSE-FT alpha)
             and which are shifts (averaged into `avg_shift`).
         wise_ft_alphas: sweep WiSE-FT over these alphas (weight interpolation; adapter scaling for LoRA).
+        wise_ft_known: metrics already measured at some alphas (e.g. {0.0: the zero-shot model's}); alpha 1 is
+            always the final evaluation, so neither is evaluated twice.
         skip_corrupt_images: skip (and log) undecodable images in the SAE, linear-probe, training and eval passes.
         model: a ready classifier (skips `build_model`).
 
@@ -325,7 +328,9 @@ def run_saeft(
 
         results["final"] = evaluate_fn(trainer.model)
         if wise_ft_alphas:
-            sweep = wise_ft_sweep(pretrained, trainer.model, wise_ft_alphas, evaluate_fn, select_on=id_name)
+            known = {1.0: results["final"], **(dict(wise_ft_known) if wise_ft_known else {})}
+            sweep = wise_ft_sweep(pretrained, trainer.model, wise_ft_alphas, evaluate_fn, select_on=id_name,
+                                  known=known)
             results["wise_ft"] = sweep.to_dict()
     results["wall_time_s"] = round(time.time() - start, 1)
 

@@ -193,7 +193,8 @@ def run_digit_experiment(cfg: DigitExperimentConfig) -> dict[str, Any]:
                 model_args, args, train_dataset=finetune, eval_dataset=None, classnames=CLASSNAMES,
                 templates=TEMPLATES, sae=sae, model=copy.deepcopy(pretrained),
                 eval_sets=eval_sets, id_name="validation", shift_names=list(SHIFT_SPLITS),
-                wise_ft_alphas=list(WISE_ALPHAS) if wise else None, eval_batch_size=512,
+                wise_ft_alphas=list(WISE_ALPHAS) if wise else None, wise_ft_known={0.0: zeroshot_accs},
+                eval_batch_size=512,
                 max_eval_samples=cfg.max_eval_samples,
             )
             add_rows(method, seed, result.results["final"])
