@@ -148,3 +148,18 @@ def test_push_uploads_everything_and_failure_keeps_outputs(tmp_path):
     message = str(err.value)
     assert "hf_abcdefghijklmnop" not in message and "hf upload me/run" in message and "intact" in message
     assert (out / "model.safetensors").is_file() and (out / "sae" / "model.safetensors").is_file()
+
+
+@pytest.mark.parametrize("use_lora", [False, True])
+def test_bf16_autocast_and_activation_checkpointing(clip_dir, pixel_data, tmp_path, use_lora):
+    """bf16 mixed precision (CPU autocast) with activation checkpointing: the penalty terms stay finite and logged."""
+    model, sae = model_and_sae(clip_dir, pixel_data)
+    if use_lora:
+        model = add_lora(model, r=4, alpha=8)
+    args = make_args(tmp_path, bf16=True, activation_checkpointing=True, lambda_remove=0.5)
+    trainer = SAEFTTrainer(model=model, args=args, sae=sae, train_dataset=dataset(pixel_data))
+    trainer.train()
+    base = model.get_base_model() if use_lora else model
+    assert base.is_activation_checkpointing
+    logs = [e for e in trainer.state.log_history if "loss" in e]
+    assert logs and all(torch.isfinite(torch.tensor([e["loss"], e["penalty"], e["residual"]])).all() for e in logs)
