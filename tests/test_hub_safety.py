@@ -16,7 +16,7 @@ import traceback
 from pathlib import Path
 from unittest import mock
 
-import httpx
+import httpx2 as httpx  # the HTTP client huggingface_hub 2.x raises from
 import pytest
 import transformers
 from huggingface_hub.errors import LocalTokenNotFoundError
