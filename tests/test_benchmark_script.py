@@ -25,7 +25,7 @@ def test_quick_benchmark_writes_every_key(tmp_path):
     result = json.loads(out.read_text())
 
     for key in ("ratio_sae_ft_to_ft", "ratio_cached_to_ft", "ratio_lora_sae_ft_to_lora", "trainer_vs_loop_throughput",
-                "lora_sae_ft_extra_weight_fraction", "fvu_ours", "fvu_ours_paper_init"):
+                "lora_sae_ft_extra_with_sae_fraction", "fvu_ours", "fvu_ours_paper_init"):
         assert is_positive_number(result[key]), (key, result[key])
     # LoRA SAE-FT adds the SAE and nothing else: its reference is the same model with adapters disabled.
     assert result["lora_sae_ft_extra_reference_bytes"] == 0
