@@ -707,6 +707,18 @@ def scale_lora(peft_model: PeftModel, alpha: float) -> Iterator[PeftModel]:
         restore()
 
 
+def _interpolation_start(
+    pretrained_model: nn.Module | None, finetuned_model: nn.Module, caller: str
+) -> tuple[Mapping[str, torch.Tensor], Mapping[str, torch.Tensor], nn.Module]:
+    """(theta_0, theta_1, a working copy of the fine-tuned model) for full-model weight interpolation."""
+    if pretrained_model is None:
+        raise ValueError(f"{caller} needs the pre-trained model for a fully fine-tuned model.")
+    theta0 = pretrained_model.state_dict()
+    theta1 = finetuned_model.state_dict()
+    _check_compatible(theta0, theta1)
+    return theta0, theta1, copy.deepcopy(finetuned_model)
+
+
 def wise_ft(pretrained_model: nn.Module | None, finetuned_model: nn.Module, alpha: float) -> nn.Module:
     """A new model with WiSE-FT weights ``(1 - alpha) * pretrained + alpha * finetuned``; inputs untouched.
 
@@ -727,12 +739,7 @@ def wise_ft(pretrained_model: nn.Module | None, finetuned_model: nn.Module, alph
             # DoRA layers are merged already (interpolated); peft warns that there is nothing left to merge.
             warnings.filterwarnings("ignore", message=".*already merged.*")
             return model.merge_and_unload()
-    if pretrained_model is None:
-        raise ValueError("wise_ft needs the pre-trained model for a fully fine-tuned model.")
-    theta0 = pretrained_model.state_dict()
-    theta1 = finetuned_model.state_dict()
-    _check_compatible(theta0, theta1)
-    model = copy.deepcopy(finetuned_model)
+    theta0, theta1, model = _interpolation_start(pretrained_model, finetuned_model, "wise_ft")
     _lerp_into(model, theta0, theta1, alpha)
     return model
 
@@ -795,12 +802,7 @@ def wise_ft_sweep(
             with scale_lora(finetuned_model, alpha):
                 record(alpha, evaluate_fn(finetuned_model))
     else:
-        if pretrained_model is None:
-            raise ValueError("wise_ft_sweep needs the pre-trained model for a fully fine-tuned model.")
-        theta0 = pretrained_model.state_dict()
-        theta1 = finetuned_model.state_dict()
-        _check_compatible(theta0, theta1)
-        work = copy.deepcopy(finetuned_model)
+        theta0, theta1, work = _interpolation_start(pretrained_model, finetuned_model, "wise_ft_sweep")
         for alpha in alpha_list:
             if alpha in known:
                 record(alpha, known[alpha])
