@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import copy
 import importlib.metadata
-import json
 import logging
 import os
 import platform
@@ -323,12 +322,3 @@ def plot_robustness(results: dict[str, Any], path: str) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
-
-
-def results_json_path(output_dir: str) -> str:
-    return os.path.join(output_dir, "results.json")
-
-
-def load_results(output_dir: str) -> dict[str, Any]:
-    with open(results_json_path(output_dir), encoding="utf-8") as fh:
-        return json.load(fh)
