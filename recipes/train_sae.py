@@ -4,7 +4,11 @@
         --dataset_name timm/imagenet-1k-wds --output_dir outputs/sae-vit-b16 [--push_to_hub --hub_model_id me/sae]
 
 The CLIP forward runs once (eval transform, no augmentation, as the paper); the embeddings are cached in
-`output_dir/sae_embeddings.safetensors`, so the 100-epoch schedule never recomputes them.
+`output_dir/cache/sae_embeddings.safetensors` (keyed on the model, data, transform and precision), so the 100-epoch
+schedule never recomputes them. Under `accelerate launch` / `torchrun` every process embeds its share of the images
+on its accelerator; rank 0 then trains, saves (and pushes) the SAE while the others exit:
+
+    accelerate launch --num_processes 8 recipes/train_sae.py --model_name_or_path ... --output_dir ... --bf16
 """
 
 from __future__ import annotations
@@ -12,9 +16,12 @@ from __future__ import annotations
 import sys
 from dataclasses import dataclass, field
 
+import torch
+from accelerate import PartialState
+
 from saeft_hf.data import load_image_dataset, transforms_from_pretrained
 from saeft_hf.modeling import SAEFTCLIPForImageClassification
-from saeft_hf.pipeline import ModelArguments, parse_args, train_sae_for_model
+from saeft_hf.pipeline import ModelArguments, parse_args, sae_training_embeddings, train_sae_for_model
 
 
 @dataclass
@@ -28,10 +35,18 @@ class SAERunArguments:
     seed: int = field(default=0, metadata={"help": "Seed for initialisation and shuffling."})
     push_to_hub: bool = field(default=False, metadata={"help": "Upload the SAE and its model card."})
     hub_model_id: str | None = field(default=None, metadata={"help": "Repo id for --push_to_hub."})
+    dataloader_num_workers: int = field(default=4, metadata={"help": "Image decoding workers per process."})
+    bf16: bool = field(default=False, metadata={"help": "Embedding pass under bf16 autocast (default: fp32)."})
+    fp16: bool = field(default=False, metadata={"help": "Embedding pass under fp16 autocast (default: fp32)."})
+    use_cpu: bool = field(default=False, metadata={"help": "Run on the CPU even when an accelerator is present."})
 
 
 def main(argv: list[str]) -> None:
     model_args, run_args = parse_args((ModelArguments, SAERunArguments), argv)
+    if run_args.bf16 and run_args.fp16:
+        raise ValueError("Pass at most one of --bf16 and --fp16.")
+    # One process, or one per accelerator under accelerate launch / torchrun (this initialises the process group).
+    state = PartialState(cpu=run_args.use_cpu)
     dataset = load_image_dataset(dataset_name=run_args.dataset_name, dataset_config_name=run_args.dataset_config_name,
                                  train_dir=run_args.train_dir, split=run_args.split, streaming=run_args.streaming)
     _, eval_transform = transforms_from_pretrained(model_args.model_name_or_path)
@@ -40,8 +55,16 @@ def main(argv: list[str]) -> None:
         model_args.model_name_or_path, num_labels=1, representation=model_args.representation,
         source_model=model_args.model_name_or_path,
     )
+    autocast = torch.bfloat16 if run_args.bf16 else (torch.float16 if run_args.fp16 else None)
+    embeddings = sae_training_embeddings(
+        model, dataset, eval_transform, model_args, output_dir=run_args.output_dir, split=run_args.split,
+        device=state.device, autocast_dtype=autocast, num_workers=run_args.dataloader_num_workers,
+        distributed=state.num_processes > 1,
+    )
+    if not state.is_main_process:
+        return  # the others are done: nothing left to wait for, so no barrier can time out while rank 0 trains
     sae = train_sae_for_model(model, dataset, eval_transform, model_args, output_dir=run_args.output_dir,
-                              seed=run_args.seed)
+                              seed=run_args.seed, embeddings=embeddings, device=state.device)
     sae.save_pretrained(run_args.output_dir)
     print(sae.config.training_metrics)
     if run_args.push_to_hub:

@@ -1,14 +1,13 @@
 """Image embeddings in batches: for training the SAE, and as cached reference embeddings (`z0`) for SAE-FT.
 
 The SAE recipe trains for many epochs over the same embeddings, so the CLIP forward runs once and the result can be
-cached on disk (safetensors, written atomically, with metadata that tells a stale cache from a valid one).
+cached on disk (safetensors, written atomically, keyed on what made it: see `saeft_hf.cache`). Both passes can run
+sharded over all processes (`distributed=True`, see `saeft_hf.distributed`), on the accelerator, in the run's precision.
 """
 
 from __future__ import annotations
 
 import contextlib
-import json
-import os
 from pathlib import Path
 from typing import Any
 
@@ -16,14 +15,14 @@ import datasets
 import pyarrow as pa
 import torch
 from datasets.table import InMemoryTable
-from safetensors import safe_open
-from safetensors.torch import save_file
 from torch import nn
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 from transformers import CLIPModel
 
+from .cache import CacheKey, load_cached_tensors, save_cached_tensors
 from .data import REFERENCE_COLUMN, ImageClassificationCollator, with_image_transform
+from .distributed import all_ranks_agree, gather_rows, is_main_process, shard_dataset
 from .modeling import SAEFTCLIPForImageClassification
 
 
@@ -49,72 +48,87 @@ def compute_embeddings(
     autocast_dtype: torch.dtype | None = None,
     num_workers: int = 0,
     cache_path: str | Path | None = None,
-    cache_key: str | None = None,
+    cache_key: CacheKey | None = None,
     progress: bool = True,
     return_labels: bool = False,
+    distributed: bool = False,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Embed every image of `dataset` (items `{"pixel_values", "labels"}`, e.g. from `with_image_transform`).
 
     Args:
-        model: the model whose representation to take (eval mode is used; weights are not changed).
+        model: the model whose representation to take (eval mode is used; weights are not changed). It is moved to
+            `device` for the pass and put back where it was afterwards.
         dataset: a map-style or iterable dataset of transformed images (use the eval transform: the paper trains
             its SAE on centre-cropped, un-augmented images).
-        cache_path: a `.safetensors` file. If it exists and its metadata matches (`cache_key`, row count), it is
-            loaded instead of running the model; otherwise it is (re)written.
-        cache_key: what the embeddings depend on (e.g. "<model id>|<representation>|<split>").
-        return_labels: also return the labels [N].
+        device: where the forward runs (default: where the model is); pass the accelerator (e.g.
+            `training_args.device`), the model is usually still on the CPU before training.
+        autocast_dtype: e.g. `torch.bfloat16` for a bf16 run; None (default): fp32. The result is float32 either way.
+        num_workers: DataLoader workers decoding and transforming images.
+        cache_path: a `.safetensors` file (by convention in `saeft_hf.cache.cache_dir(output_dir)`). If it exists
+            and was made with `cache_key`, it is loaded instead of running the model; otherwise it is (re)built,
+            saying why (see `saeft_hf.cache`).
+        cache_key: what the embeddings depend on (`saeft_hf.cache.embedding_cache_key`); required with `cache_path`.
+        return_labels: also return the labels [N] (-1 for unlabelled rows).
+        distributed: every process of the initialised `torch.distributed` group calls this with the same dataset;
+            each embeds its contiguous share of the rows (`saeft_hf.distributed.shard_dataset`) and all receive the
+            full result in dataset order (rank-major for a stream). Only rank 0 writes the cache. False (default):
+            this process embeds everything, whatever the group.
 
     Returns:
-        embeddings [N, d] (float32, CPU), and labels [N] when `return_labels`.
+        embeddings [N, d] (float32, CPU), and labels [N] when `return_labels`. Rows of skipped corrupt images
+        (`with_image_transform(..., skip_corrupt_images=True)`) are left out.
     """
-    n_rows = len(dataset) if hasattr(dataset, "__len__") else None
-    if cache_path is not None and os.path.isfile(cache_path):
-        cached = _load_cache(Path(cache_path), cache_key, n_rows)
-        if cached is not None:
-            return cached if return_labels else cached[0]
-
-    fn = representation_fn(model)
-    device = torch.device(device) if device is not None else next(model.parameters()).device
-    was_training = model.training
-    model.eval()
-    loader = DataLoader(dataset, batch_size=batch_size, collate_fn=ImageClassificationCollator(), num_workers=num_workers)
-    chunks, labels = [], []
-    total = -(-n_rows // batch_size) if n_rows else None
-    for batch in tqdm(loader, total=total, desc="embeddings", disable=not progress, unit="batch"):
-        pixel_values = batch["pixel_values"].to(device)
-        if autocast_dtype is not None:
-            with torch.autocast(device_type=device.type, dtype=autocast_dtype):
-                z = fn(pixel_values)
-        else:
-            z = fn(pixel_values)
-        chunks.append(z.float().cpu())
-        labels.append(batch["labels"].cpu())
-    model.train(was_training)
-    if not chunks:
-        raise ValueError("compute_embeddings got an empty dataset: there are no images to embed.")
-    embeddings, label_tensor = torch.cat(chunks), torch.cat(labels)
+    if cache_path is not None and cache_key is None:
+        raise ValueError("compute_embeddings got a cache_path without a cache_key: the cache could not tell stale "
+                         "embeddings from valid ones. Pass cache_key (saeft_hf.cache.embedding_cache_key) or no cache.")
     if cache_path is not None:
-        _save_cache(Path(cache_path), embeddings, label_tensor, cache_key)
+        cached = load_cached_tensors(cache_path, cache_key, what="embeddings cache")
+        if all_ranks_agree(cached is not None) if distributed else cached is not None:
+            return (cached["embeddings"], cached["labels"]) if return_labels else cached["embeddings"]
+
+    local = shard_dataset(dataset) if distributed else dataset
+    fn = representation_fn(model)
+    home = _model_device(model)
+    device = torch.device(device) if device is not None else home
+    was_training = model.training
+    model.eval().to(device)
+    show = progress and (not distributed or is_main_process())
+    loader = DataLoader(local, batch_size=batch_size, collate_fn=ImageClassificationCollator(), num_workers=num_workers)
+    n_local = len(local) if hasattr(local, "__len__") and not isinstance(local, datasets.IterableDataset) else None
+    chunks, labels = [], []
+    try:
+        for batch in tqdm(loader, total=-(-n_local // batch_size) if n_local else None, desc="embeddings",
+                          disable=not show, unit="batch"):
+            pixel_values = batch["pixel_values"].to(device, non_blocking=True)
+            with _autocast(device, autocast_dtype):
+                z = fn(pixel_values)
+            chunks.append(z.float().cpu())
+            labels.append(batch["labels"].cpu() if "labels" in batch
+                          else torch.full((pixel_values.shape[0],), -1, dtype=torch.long))
+    finally:
+        model.train(was_training).to(home)
+    embeddings = torch.cat(chunks) if chunks else None
+    label_tensor = torch.cat(labels) if labels else None
+    if distributed:
+        try:
+            embeddings, label_tensor = gather_rows(embeddings), gather_rows(label_tensor)
+        except ValueError as err:
+            raise ValueError(f"compute_embeddings got an empty dataset: there are no images to embed ({err})") from None
+    elif embeddings is None:
+        raise ValueError("compute_embeddings got an empty dataset: there are no images to embed.")
+    if cache_path is not None and (not distributed or is_main_process()):
+        save_cached_tensors(cache_path, {"embeddings": embeddings, "labels": label_tensor}, cache_key)
     return (embeddings, label_tensor) if return_labels else embeddings
 
 
-def _save_cache(path: Path, embeddings: torch.Tensor, labels: torch.Tensor, key: str | None) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    meta = {"key": json.dumps(key), "rows": str(embeddings.shape[0])}
-    save_file({"embeddings": embeddings.contiguous(), "labels": labels.contiguous()}, str(tmp), metadata=meta)
-    os.replace(tmp, path)
+def _model_device(model: nn.Module) -> torch.device:
+    for p in model.parameters():
+        return p.device
+    return torch.device("cpu")
 
 
-def _load_cache(path: Path, key: str | None, n_rows: int | None) -> tuple[torch.Tensor, torch.Tensor] | None:
-    try:
-        with safe_open(str(path), framework="pt") as fh:
-            meta = fh.metadata() or {}
-            if meta.get("key") != json.dumps(key) or (n_rows is not None and meta.get("rows") != str(n_rows)):
-                return None  # stale: other model, representation or data
-            return fh.get_tensor("embeddings"), fh.get_tensor("labels")
-    except Exception:  # a truncated cache is recomputed, never trusted
-        return None
+def _autocast(device: torch.device, dtype: torch.dtype | None) -> Any:
+    return torch.autocast(device_type=device.type, dtype=dtype) if dtype is not None else contextlib.nullcontext()
 
 
 @torch.no_grad()
@@ -130,9 +144,10 @@ def add_reference_embeddings(
     num_workers: int = 0,
     skip_corrupt_images: bool = False,
     cache_path: str | Path | None = None,
-    cache_key: str | None = None,
+    cache_key: CacheKey | None = None,
     overwrite: bool = False,
     progress: bool = True,
+    distributed: bool = False,
 ) -> datasets.Dataset:
     """Return `dataset` with a `z0` column: the frozen pre-trained `model`'s representation of every image, computed
     once, for `SAEFTConfig(reference_mode="cached")`.
@@ -164,6 +179,8 @@ def add_reference_embeddings(
         skip_corrupt_images: as `with_image_transform`; a corrupt image's row gets NaN (the collator drops the row).
         cache_path / cache_key: a `.safetensors` cache of the embeddings, as in `compute_embeddings`.
         overwrite: replace an existing `column` instead of raising.
+        distributed: every process of the group calls this; each embeds its share of the rows and all get the
+            whole column (as in `compute_embeddings`).
 
     Returns:
         A new `datasets.Dataset` with the extra column (`List(float32, length=d)`).
@@ -178,17 +195,21 @@ def add_reference_embeddings(
         if not overwrite:
             raise ValueError(f"The dataset already has a `{column}` column; pass overwrite=True to recompute it.")
         dataset = dataset.remove_columns(column)
-    n_rows = len(dataset)
+    if cache_path is not None and cache_key is None:
+        raise ValueError("add_reference_embeddings got a cache_path without a cache_key; pass both or neither.")
     embeddings = None
-    if cache_path is not None and os.path.isfile(cache_path):
-        cached = _load_cache(Path(cache_path), cache_key, n_rows)
-        embeddings = cached[0] if cached is not None else None
+    if cache_path is not None:
+        cached = load_cached_tensors(cache_path, cache_key, what="reference embeddings cache")
+        hit = cached is not None and cached["embeddings"].shape[0] == len(dataset)
+        if all_ranks_agree(hit) if distributed else hit:
+            embeddings = cached["embeddings"]
     if embeddings is None:
         embeddings = _reference_embeddings(dataset, model, transform, batch_size=batch_size, device=device,
                                            autocast_dtype=autocast_dtype, num_workers=num_workers,
-                                           skip_corrupt_images=skip_corrupt_images, progress=progress)
-        if cache_path is not None:
-            _save_cache(Path(cache_path), embeddings, torch.zeros(0, dtype=torch.long), cache_key)
+                                           skip_corrupt_images=skip_corrupt_images, progress=progress,
+                                           distributed=distributed)
+        if cache_path is not None and (not distributed or is_main_process()):
+            save_cached_tensors(cache_path, {"embeddings": embeddings}, cache_key)
     values = embeddings.float().contiguous().numpy()
     array = pa.FixedSizeListArray.from_arrays(pa.array(values.reshape(-1)), values.shape[1])
     z0 = datasets.Dataset(InMemoryTable(pa.table({column: array})))
@@ -197,25 +218,25 @@ def add_reference_embeddings(
 
 def _reference_embeddings(dataset: datasets.Dataset, model: nn.Module, transform: Any, *, batch_size: int,
                           device: torch.device | str | None, autocast_dtype: torch.dtype | None, num_workers: int,
-                          skip_corrupt_images: bool, progress: bool) -> torch.Tensor:
+                          skip_corrupt_images: bool, progress: bool, distributed: bool = False) -> torch.Tensor:
     """[N, d] float32, row i for image i (NaN for a skipped corrupt image)."""
     fn = representation_fn(model)
-    home = next(model.parameters()).device
+    home = _model_device(model)
     device = torch.device(device) if device is not None else home
     was_training = model.training
     model.eval().to(device)
     images = with_image_transform(dataset.select_columns(["image"]), transform,
                                   skip_corrupt_images=skip_corrupt_images)
-    loader = DataLoader(images, batch_size=batch_size, num_workers=num_workers, collate_fn=_pixels_with_gaps)
+    # Every row (NaN for a corrupt image) keeps its place, so the ranks' contiguous blocks concatenate in order.
+    local = shard_dataset(images) if distributed else images
+    loader = DataLoader(local, batch_size=batch_size, num_workers=num_workers, collate_fn=_pixels_with_gaps)
     rows: list[torch.Tensor] = []
-    for pixel_values, present in tqdm(loader, total=-(-len(dataset) // batch_size), desc="reference embeddings",
-                                      disable=not progress, unit="batch"):
+    for pixel_values, present in tqdm(loader, total=-(-len(local) // batch_size), desc="reference embeddings",
+                                      disable=not progress or (distributed and not is_main_process()), unit="batch"):
         z = None
         if pixel_values is not None:
-            pixel_values = pixel_values.to(device)
-            autocast = (torch.autocast(device_type=device.type, dtype=autocast_dtype) if autocast_dtype is not None
-                        else contextlib.nullcontext())
-            with autocast:
+            pixel_values = pixel_values.to(device, non_blocking=True)
+            with _autocast(device, autocast_dtype):
                 z = fn(pixel_values).float().cpu()
         if present.all():
             rows.append(z)
@@ -225,6 +246,8 @@ def _reference_embeddings(dataset: datasets.Dataset, model: nn.Module, transform
             filled[present] = z
         rows.append(filled)
     model.train(was_training).to(home)
+    if distributed:
+        return gather_rows(torch.cat(rows) if rows else None)
     if not rows:
         raise ValueError("add_reference_embeddings got an empty dataset.")
     return torch.cat(rows)

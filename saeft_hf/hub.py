@@ -125,6 +125,15 @@ def write_model_card(output_dir: str | Path, **kwargs: Any) -> Path:
     return path
 
 
+# What a push leaves out (fnmatch on paths relative to output_dir, where `*` also matches `/`): checkpoints, pickles,
+# logs, hidden files, and every cache (`saeft_hf.cache.CACHE_DIRNAME`, plus the `*_embeddings.safetensors` that
+# older versions wrote at the top level): caches are large, rebuildable, and may hold data-derived tensors.
+PUSH_IGNORE_PATTERNS: tuple[str, ...] = (
+    "checkpoint-*", "checkpoint-*/**", "*.pt", "*.pth", "*.bin", "runs/**", ".*",
+    "cache/*", "cache/**", "*_embeddings.safetensors", "**/*_embeddings.safetensors",
+)
+
+
 def push_run_to_hub(
     output_dir: str | Path,
     repo_id: str,
@@ -136,7 +145,8 @@ def push_run_to_hub(
 ) -> str:
     """Upload `output_dir` (model or adapter, `sae/`, results JSON, README) to `repo_id` in one commit.
 
-    Checkpoints, optimizer states and pickled training args stay local. On failure, local files are untouched and
+    Checkpoints, optimizer states, pickled training args and caches (`cache/`, any `*_embeddings.safetensors`) stay
+    local (`PUSH_IGNORE_PATTERNS`). On failure, local files are untouched and
     the raised error says how to retry.
     """
     output_dir = Path(output_dir)
@@ -150,14 +160,15 @@ def push_run_to_hub(
             folder_path=str(output_dir),
             commit_message=commit_message,
             revision=revision,
-            ignore_patterns=["checkpoint-*", "checkpoint-*/**", "*.pt", "*.pth", "*.bin", "runs/**", ".*"],
+            ignore_patterns=list(PUSH_IGNORE_PATTERNS),
         )
     except Exception as err:
         raise RuntimeError(
             f"Pushing {output_dir} to the Hub repo {repo_id} failed "
             f"({type(err).__name__}: {_redact(str(err), token)}). "
             f"Your local outputs are intact. Log in with `hf auth login` (or set HF_TOKEN), check the network, then "
-            f"retry with: hf upload {repo_id} {output_dir} --exclude 'checkpoint-*' '*.pt' '*.bin'"
+            f"retry with: hf upload {repo_id} {output_dir} --exclude 'checkpoint-*' '*.pt' '*.bin' 'cache/*' "
+            "'*_embeddings.safetensors'"
         ) from None
     return str(getattr(commit, "commit_url", commit))
 

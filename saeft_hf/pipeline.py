@@ -27,6 +27,8 @@ from .data import (
     transforms_from_pretrained,
     with_image_transform,
 )
+from .cache import cache_dir, embedding_cache_key
+from .distributed import all_ranks_agree, is_main_process
 from .embeddings import add_reference_embeddings, compute_embeddings
 from .evaluation import evaluate_sets, shift_averages, wise_ft_sweep
 from .hub import push_run_to_hub, save_results, write_model_card
@@ -104,9 +106,66 @@ def build_model(
     model_args: ModelArguments,
     classnames: Sequence[str],
     templates: Sequence[str],
+    *,
+    device: torch.device | str | None = None,
+    distributed: bool = False,
+    output_dir: str | None = None,
 ) -> Any:
-    """The classifier with CLIP's vision weights and a zero-shot head."""
-    return from_clip(model_args.model_name_or_path, classnames, templates, representation=model_args.representation)
+    """The classifier with CLIP's vision weights and a zero-shot head.
+
+    The head's text pass runs on `device`, split over all processes with `distributed` (every rank calls this),
+    and is cached in `output_dir/cache/zeroshot_head.safetensors` when `output_dir` is given (a resume reuses it).
+    """
+    cache = cache_dir(output_dir) / "zeroshot_head.safetensors" if output_dir else None
+    return from_clip(model_args.model_name_or_path, classnames, templates, representation=model_args.representation,
+                     device=device, distributed=distributed, cache_path=cache,
+                     progress=not distributed or is_main_process())
+
+
+def autocast_dtype_for(training_args: SAEFTConfig) -> torch.dtype | None:
+    """The run's mixed precision as an autocast dtype (bf16 / fp16), None for fp32."""
+    return torch.bfloat16 if training_args.bf16 else (torch.float16 if training_args.fp16 else None)
+
+
+def sae_training_embeddings(
+    model: Any,
+    dataset: Any,
+    eval_transform: Callable[[Any], torch.Tensor],
+    model_args: ModelArguments,
+    *,
+    output_dir: str | None = None,
+    split: str = "train",
+    skip_corrupt_images: bool = False,
+    device: torch.device | str | None = None,
+    autocast_dtype: torch.dtype | None = None,
+    num_workers: int = 0,
+    distributed: bool = False,
+) -> torch.Tensor:
+    """The pre-trained model's embeddings [N, d] of `dataset` (eval transform, no augmentation) for the SAE.
+
+    Runs on `device` under `autocast_dtype` with `num_workers` loader workers; with `distributed` every rank calls
+    this, embeds its share and gets all rows in dataset order. Cached in `output_dir/cache/sae_embeddings.safetensors`
+    (keyed by `saeft_hf.cache.embedding_cache_key`: model weights, data fingerprint, split, sample count, transform,
+    representation, dtype); only rank 0 writes it.
+    """
+    if model_args.sae_max_samples is not None:
+        dataset = dataset.take(model_args.sae_max_samples) if hasattr(dataset, "take") else dataset
+    # The same skip policy as training: a corrupt image must not stop the SAE's embedding pass when skips are on.
+    images = with_image_transform(dataset, eval_transform, skip_corrupt_images=skip_corrupt_images)
+    key = (embedding_cache_key(model, dataset, split=split, transform=eval_transform,
+                               representation=model_args.representation, max_samples=model_args.sae_max_samples,
+                               autocast_dtype=autocast_dtype, kind="sae_embeddings",
+                               skip_corrupt_images=skip_corrupt_images)
+           if output_dir else None)
+    if output_dir and key is None:
+        logger.warning("The SAE's training embeddings are not cached: the dataset (%s) has no fingerprint.",
+                       type(dataset).__name__)
+    cache = cache_dir(output_dir) / "sae_embeddings.safetensors" if key is not None else None
+    return compute_embeddings(
+        model, images, batch_size=model_args.embedding_batch_size, cache_path=cache, cache_key=key, device=device,
+        autocast_dtype=autocast_dtype, num_workers=num_workers, distributed=distributed,
+        progress=not distributed or is_main_process(),
+    )
 
 
 def train_sae_for_model(
@@ -118,17 +177,17 @@ def train_sae_for_model(
     output_dir: str | None = None,
     seed: int = 0,
     skip_corrupt_images: bool = False,
+    embeddings: torch.Tensor | None = None,
+    device: torch.device | str | None = None,
 ) -> SparseAutoencoder:
-    """Train an SAE on the pre-trained model's embeddings of `dataset` (eval transform, no augmentation)."""
-    if model_args.sae_max_samples is not None:
-        dataset = dataset.take(model_args.sae_max_samples) if hasattr(dataset, "take") else dataset
-    # The same skip policy as training: a corrupt image must not stop the SAE's embedding pass when skips are on.
-    images = with_image_transform(dataset, eval_transform, skip_corrupt_images=skip_corrupt_images)
-    cache = os.path.join(output_dir, "sae_embeddings.safetensors") if output_dir else None
-    embeddings = compute_embeddings(
-        model, images, batch_size=model_args.embedding_batch_size, cache_path=cache,
-        cache_key=f"{model_args.model_name_or_path}|{model_args.representation}|{model_args.sae_max_samples}",
-    )
+    """Train an SAE on the pre-trained model's embeddings of `dataset` (eval transform, no augmentation).
+
+    `embeddings` [N, d]: already computed (`sae_training_embeddings`, e.g. sharded over all ranks); otherwise they
+    are computed here by this process alone. The SAE trains on `device` (default: CUDA if available).
+    """
+    if embeddings is None:
+        embeddings = sae_training_embeddings(model, dataset, eval_transform, model_args, output_dir=output_dir,
+                                             skip_corrupt_images=skip_corrupt_images, device=device)
     d_in = embeddings.shape[1]
     config = SAEConfig(
         d_in=d_in,
@@ -140,24 +199,38 @@ def train_sae_for_model(
     )
     result = train_sae(
         embeddings, config, epochs=model_args.sae_epochs, batch_size=model_args.sae_batch_size,
-        lr=model_args.sae_lr, aux_k=model_args.sae_aux_k, seed=seed,
+        lr=model_args.sae_lr, aux_k=model_args.sae_aux_k, seed=seed, device=device,
     )
     logger.info("Trained SAE: %s", result.metrics)
     return result.sae
 
 
 def init_linear_probe_head(model: Any, dataset: Any, eval_transform: Callable[[Any], torch.Tensor], batch_size: int,
-                           skip_corrupt_images: bool = False) -> None:
-    """LP-FT: fit the head as a logistic regression on frozen embeddings, starting from the zero-shot head."""
+                           skip_corrupt_images: bool = False, *, device: torch.device | str | None = None,
+                           autocast_dtype: torch.dtype | None = None, num_workers: int = 0,
+                           distributed: bool = False, output_dir: str | None = None) -> None:
+    """LP-FT: fit the head as a logistic regression on frozen embeddings, starting from the zero-shot head.
+
+    The feature pass runs on `device` (sharded over all ranks with `distributed`: every rank calls this and fits the
+    same head) and is cached in `output_dir/cache/linear_probe_features.safetensors` when `output_dir` is given.
+    """
     images = with_image_transform(dataset, eval_transform, skip_corrupt_images=skip_corrupt_images)
     base = base_classifier(model)
+    key = (embedding_cache_key(base, dataset, split="train", transform=eval_transform, representation="image_embeds",
+                               autocast_dtype=autocast_dtype, kind="linear_probe_features",
+                               skip_corrupt_images=skip_corrupt_images) if output_dir else None)
+    cache = cache_dir(output_dir) / "linear_probe_features.safetensors" if key is not None else None
     rep = base.config.representation
     base.config.representation = "image_embeds"  # the head reads the projected embedding
     try:
-        features, labels = compute_embeddings(base, images, batch_size=batch_size, return_labels=True)
+        features, labels = compute_embeddings(base, images, batch_size=batch_size, return_labels=True, device=device,
+                                              autocast_dtype=autocast_dtype, num_workers=num_workers,
+                                              distributed=distributed, cache_path=cache, cache_key=key,
+                                              progress=not distributed or is_main_process())
     finally:
         base.config.representation = rep
-    weight, bias = fit_linear_probe(features, labels, base.config.num_labels, init_weight=base.classifier.weight.detach())
+    weight, bias = fit_linear_probe(features, labels, base.config.num_labels, init_weight=base.classifier.weight.detach(),
+                                    device=device)
     set_head(base, weight, bias)
 
 
@@ -184,8 +257,9 @@ def _check_sizes(train_dataset: Any, eval_dataset: Any | None, training_args: SA
 def add_cached_reference(model: Any, dataset: Any, eval_transform: Callable[[Any], torch.Tensor],
                          model_args: ModelArguments, training_args: SAEFTConfig, split: str, *,
                          skip_corrupt_images: bool = False) -> Any:
-    """`reference_mode="cached"`: `dataset` with a `z0` column from the pre-trained `model` (eval transform), cached in
-    `output_dir/reference_embeddings_<split>.safetensors`. A dataset that already has `z0` is used as it is; a
+    """`reference_mode="cached"`: `dataset` with a `z0` column from the pre-trained `model` (eval transform), computed
+    on the accelerator and sharded over all ranks (every rank calls this), cached in
+    `output_dir/cache/reference_embeddings_<split>.safetensors`. A dataset that already has `z0` is used as it is; a
     streaming one must have it (see `saeft_hf.embeddings.add_reference_embeddings`)."""
     if REFERENCE_COLUMN in (dataset.column_names or []):
         return dataset
@@ -195,15 +269,16 @@ def add_cached_reference(model: Any, dataset: Any, eval_transform: Callable[[Any
             "precompute it on a map-style copy (saeft_hf.embeddings.add_reference_embeddings), store it with the "
             "images and stream that, or use reference_mode='live'."
         )
-    cache = os.path.join(training_args.output_dir, f"reference_embeddings_{split}.safetensors")
-    key = (f"{model_args.model_name_or_path}|{model_args.representation}|{split}|"
-           f"{getattr(dataset, '_fingerprint', None)}")
-    with training_args.main_process_first(desc=f"reference embeddings ({split})"):
-        autocast = torch.bfloat16 if training_args.bf16 else (torch.float16 if training_args.fp16 else None)
-        return add_reference_embeddings(dataset, model, eval_transform, batch_size=model_args.embedding_batch_size,
-                                        device=training_args.device, autocast_dtype=autocast,
-                                        skip_corrupt_images=skip_corrupt_images, cache_path=cache, cache_key=key,
-                                        progress=False)
+    autocast = autocast_dtype_for(training_args)
+    key = embedding_cache_key(model, dataset, split=split, transform=eval_transform,
+                              representation=model_args.representation, autocast_dtype=autocast,
+                              kind="reference_embeddings", skip_corrupt_images=skip_corrupt_images)
+    cache = cache_dir(training_args.output_dir) / f"reference_embeddings_{split}.safetensors"
+    return add_reference_embeddings(dataset, model, eval_transform, batch_size=model_args.embedding_batch_size,
+                                    device=training_args.device, autocast_dtype=autocast,
+                                    num_workers=training_args.dataloader_num_workers,
+                                    skip_corrupt_images=skip_corrupt_images, cache_path=cache, cache_key=key,
+                                    progress=False, distributed=training_args.world_size > 1)
 
 
 def run_saeft(
@@ -253,11 +328,18 @@ def run_saeft(
     output_dir = training_args.output_dir
     _check_sizes(train_dataset, eval_dataset, training_args)
     train_transform, eval_transform = transforms_from_pretrained(model_args.model_name_or_path, seed=training_args.seed)
+    # The expensive preparation (zero-shot head, linear-probe features, SAE embeddings) runs on the accelerator in
+    # the run's precision, every rank taking its share: no rank waits long on a barrier.
+    distributed = training_args.world_size > 1
+    device, autocast = training_args.device, autocast_dtype_for(training_args)
     if model is None:
-        model = build_model(model_args, classnames, templates)
+        model = build_model(model_args, classnames, templates, device=device, distributed=distributed,
+                            output_dir=output_dir)
     if training_args.head_init == "linear-probe":
         init_linear_probe_head(model, train_dataset, eval_transform, model_args.embedding_batch_size,
-                               skip_corrupt_images=skip_corrupt_images)
+                               skip_corrupt_images=skip_corrupt_images, device=device, autocast_dtype=autocast,
+                               num_workers=training_args.dataloader_num_workers, distributed=distributed,
+                               output_dir=output_dir)
 
     needs_sae = training_args.regularizer == "sae_ft" and training_args.regularization_active
     if needs_sae and sae is None:
@@ -265,16 +347,24 @@ def run_saeft(
             sae = SparseAutoencoder.from_pretrained(training_args.sae_name_or_path)
         else:
             sae_dir = os.path.join(output_dir, SAE_SUBFOLDER)
-            # Several processes: the main process trains and saves the SAE while the others wait, then they load
-            # that file, so every rank regularises with the same SAE and only one process writes it. (One per node
-            # with save_on_each_node, i.e. when the nodes share no file system.)
+            embeddings = None
+            # Decided by all ranks together: the embedding pass below is collective, so no rank may skip it alone.
+            if not all_ranks_agree(os.path.isfile(os.path.join(sae_dir, "model.safetensors"))):
+                embeddings = sae_training_embeddings(
+                    model, train_dataset, eval_transform, model_args, output_dir=output_dir,
+                    skip_corrupt_images=skip_corrupt_images, device=device, autocast_dtype=autocast,
+                    num_workers=training_args.dataloader_num_workers, distributed=distributed)
+            # Several processes: the main process trains and saves the SAE (minutes on the accelerator) while the
+            # others wait, then they load that file, so every rank regularises with the same SAE and only one
+            # process writes it. (One per node with save_on_each_node, i.e. when the nodes share no file system.)
             with training_args.main_process_first(local=training_args.save_on_each_node, desc="training the SAE"):
                 if os.path.isfile(os.path.join(sae_dir, "model.safetensors")):
                     sae = SparseAutoencoder.from_pretrained(sae_dir)  # resuming (or another rank): reuse it
                 else:
                     sae = train_sae_for_model(model, train_dataset, eval_transform, model_args,
                                               output_dir=output_dir, seed=training_args.seed,
-                                              skip_corrupt_images=skip_corrupt_images)
+                                              skip_corrupt_images=skip_corrupt_images, embeddings=embeddings,
+                                              device=device)
                     sae.save_pretrained(sae_dir)
 
     if (training_args.reference_mode == "cached" and training_args.regularization_active

@@ -117,7 +117,7 @@ def test_run_saeft_cached_adds_z0_to_train_and_eval_before_training(setup, tmp_p
     trainer = result.trainer
     assert trainer.ref_model is None  # cached full fine-tuning keeps no frozen copy
     assert "z0" in trainer.train_dataset.column_names and "z0" in trainer.eval_dataset.column_names
-    assert (out / "reference_embeddings_train.safetensors").is_file()
+    assert (out / "cache" / "reference_embeddings_train.safetensors").is_file()
     logs = [e for e in trainer.state.log_history if "loss" in e]
     evals = [e for e in trainer.state.log_history if "eval_loss" in e]
     assert logs[-1]["penalty"] > 0 and evals[-1]["eval_penalty"] > 0  # eval batches carry z0 too
