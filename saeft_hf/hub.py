@@ -126,11 +126,12 @@ def write_model_card(output_dir: str | Path, **kwargs: Any) -> Path:
 
 
 # What a push leaves out (fnmatch on paths relative to output_dir, where `*` also matches `/`): checkpoints, pickles,
-# logs, hidden files, and every cache (`saeft_hf.cache.CACHE_DIRNAME`, plus the `*_embeddings.safetensors` that
-# older versions wrote at the top level): caches are large, rebuildable, and may hold data-derived tensors.
+# logs, hidden files, and every cache (`saeft_hf.cache.CACHE_DIRNAME`, plus the `sae_embeddings.safetensors` and
+# `reference_embeddings_<split>.safetensors` that older versions wrote at the top level): caches are large,
+# rebuildable, and hold tensors derived from the training data.
 PUSH_IGNORE_PATTERNS: tuple[str, ...] = (
     "checkpoint-*", "checkpoint-*/**", "*.pt", "*.pth", "*.bin", "runs/**", ".*",
-    "cache/*", "cache/**", "*_embeddings.safetensors", "**/*_embeddings.safetensors",
+    "cache/*", "cache/**", "*_embeddings*.safetensors",
 )
 
 
@@ -145,7 +146,7 @@ def push_run_to_hub(
 ) -> str:
     """Upload `output_dir` (model or adapter, `sae/`, results JSON, README) to `repo_id` in one commit.
 
-    Checkpoints, optimizer states, pickled training args and caches (`cache/`, any `*_embeddings.safetensors`) stay
+    Checkpoints, optimizer states, pickled training args and caches (`cache/`, any `*_embeddings*.safetensors`) stay
     local (`PUSH_IGNORE_PATTERNS`). On failure, local files are untouched and
     the raised error says how to retry.
     """
@@ -168,7 +169,7 @@ def push_run_to_hub(
             f"({type(err).__name__}: {_redact(str(err), token)}). "
             f"Your local outputs are intact. Log in with `hf auth login` (or set HF_TOKEN), check the network, then "
             f"retry with: hf upload {repo_id} {output_dir} --exclude 'checkpoint-*' '*.pt' '*.bin' 'cache/*' "
-            "'*_embeddings.safetensors'"
+            "'*_embeddings*.safetensors'"
         ) from None
     return str(getattr(commit, "commit_url", commit))
 
