@@ -47,8 +47,10 @@ def main(argv: list[str]) -> None:
         raise ValueError("Pass at most one of --bf16 and --fp16.")
     # One process, or one per accelerator under accelerate launch / torchrun (this initialises the process group).
     state = PartialState(cpu=run_args.use_cpu)
-    dataset = load_image_dataset(dataset_name=run_args.dataset_name, dataset_config_name=run_args.dataset_config_name,
-                                 train_dir=run_args.train_dir, split=run_args.split, streaming=run_args.streaming)
+    with state.main_process_first():  # one process prepares the datasets cache, the others then read it
+        dataset = load_image_dataset(dataset_name=run_args.dataset_name,
+                                     dataset_config_name=run_args.dataset_config_name, train_dir=run_args.train_dir,
+                                     split=run_args.split, streaming=run_args.streaming)
     _, eval_transform = transforms_from_pretrained(model_args.model_name_or_path)
     # Only the vision tower and projection matter here: no text tower, no head.
     model = SAEFTCLIPForImageClassification.from_pretrained(
