@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from saeft_hf.data import load_image_dataset, transforms_from_pretrained
 from saeft_hf.modeling import SAEFTCLIPForImageClassification
 from saeft_hf.pipeline import ModelArguments, parse_args, train_sae_for_model
+from saeft_hf.run_dir import claim_output_dir
 
 
 @dataclass
@@ -28,10 +29,20 @@ class SAERunArguments:
     seed: int = field(default=0, metadata={"help": "Seed for initialisation and shuffling."})
     push_to_hub: bool = field(default=False, metadata={"help": "Upload the SAE and its model card."})
     hub_model_id: str | None = field(default=None, metadata={"help": "Repo id for --push_to_hub."})
+    overwrite_output_dir: bool = field(
+        default=False, metadata={"help": "Replace an SAE already saved in --output_dir (otherwise refused)."}
+    )
 
 
 def main(argv: list[str]) -> None:
     model_args, run_args = parse_args((ModelArguments, SAERunArguments), argv)
+    # Before anything is loaded: a writable output_dir, not in use by another run, holding no other SAE.
+    with claim_output_dir(run_args.output_dir, overwrite=run_args.overwrite_output_dir,
+                          result_files=("model.safetensors", "config.json"), checkpoints=False):
+        train_and_save(model_args, run_args)
+
+
+def train_and_save(model_args: ModelArguments, run_args: SAERunArguments) -> None:
     dataset = load_image_dataset(dataset_name=run_args.dataset_name, dataset_config_name=run_args.dataset_config_name,
                                  train_dir=run_args.train_dir, split=run_args.split, streaming=run_args.streaming)
     _, eval_transform = transforms_from_pretrained(model_args.model_name_or_path)
