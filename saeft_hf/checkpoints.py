@@ -116,9 +116,10 @@ def _describe_incomplete(checkpoint: str, problems: list[str]) -> str:
                                         and names.intersection(WEIGHT_FILES)):
         return (f"{checkpoint} is the output directory of a run (its final model), not a checkpoint: it has no "
                 "optimizer or scheduler state to resume. Pass one of its checkpoint-N folders")
-    if "no optimizer.pt" in problems and "no model weights" not in problems and "no trainer_state.json" not in problems:
+    others = [p for p in problems if p not in ("no optimizer.pt", "no scheduler.pt") and not p.startswith("no rng_state")]
+    if not others and ("no optimizer.pt" in problems or "no scheduler.pt" in problems):
         return (f"{checkpoint} has {', '.join(problems)}: it was saved without optimizer and scheduler state "
-                "(save_only_model=True?) or its save was interrupted, and resuming from it would silently restart the "
+                "(save_only_model=True?) or its save was interrupted; resuming from it would silently restart the "
                 "optimizer and the learning-rate schedule")
     return f"{checkpoint} is incomplete ({', '.join(problems)}): its save was interrupted"
 
