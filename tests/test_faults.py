@@ -336,10 +336,6 @@ def test_sigkill_at_random_points_always_resumes_to_the_same_weights(tmp_path, c
     extra = ["--per_device_train_batch_size", "8"]
     ref_out, out = tmp_path / "uninterrupted", tmp_path / "killed"
 
-    t0 = time.monotonic()
-    Run(recipe_args(tmp_path, clip_dir, ref_out, *extra, "--save_strategy", "no"), tmp_path / "ref.out").finish()
-    duration = time.monotonic() - t0
-
     def args(resume: bool) -> list[str]:
         return recipe_args(tmp_path, clip_dir, out, *extra, "--save_steps", "1",
                            *(["--resume_from_checkpoint", "true"] if resume else []))
@@ -360,26 +356,42 @@ def test_sigkill_at_random_points_always_resumes_to_the_same_weights(tmp_path, c
     assert (out / ".tmp-checkpoint-3" / "checkpoint-3" / "scheduler.pt").is_file()  # it was mid-write
     assert not (out / "checkpoint-3").exists() and checkpoint_problems(str(out / "checkpoint-2")) == []
 
-    # 2. Then killed at random instants (seeded, so a failure replays), resuming after each kill.
+    # The uninterrupted reference, timed now that the forkserver is warm: the window the kills are drawn from.
+    t0 = time.monotonic()
+    Run(recipe_args(tmp_path, clip_dir, ref_out, *extra, "--save_strategy", "no"), tmp_path / "ref.out").finish()
+    duration = time.monotonic() - t0
+
+    def steps_seen() -> int:  # the newest step with a checkpoint, complete or being written
+        return max((int(p.name.rsplit("-", 1)[1]) for p in out.glob("*checkpoint-*")), default=0)
+
+    # 2. Then killed at random instants (seeded, so a failure replays), resuming after each kill: on even attempts
+    # anywhere in the run (set-up included), on odd ones within the first ~0.5 s after training got going again.
     rng = random.Random(14)
     kills = []
-    for attempt in range(4):
+    for attempt in range(6):
+        before = steps_seen()
         run = Run(args(resumable()), tmp_path / f"attempt{attempt}.out")
-        delay = rng.uniform(0.0, duration)
+        if attempt % 2:
+            while steps_seen() == before and run.running():
+                time.sleep(0.005)
+            delay = rng.uniform(0.0, 0.5)
+        else:
+            delay = rng.uniform(0.0, duration)
         run.process.join(delay)
         if not run.running():
             assert run.process.exitcode == 0, run.output()
             break
         os.kill(run.pid, signal.SIGKILL)
         run.process.join(30)
-        kills.append(round(delay, 2))
+        kills.append(f"attempt {attempt}: +{delay:.2f} s, at step {steps_seen()}")
         _all_checkpoints_complete(out)  # a kill never leaves a checkpoint-N that is not whole
     if not (out / "eval_results.json").is_file():
         Run(args(resumable()), tmp_path / "last.out").finish()
     _all_checkpoints_complete(out)
     assert not list(out.glob(".tmp-*")) and not list(out.glob(".old-*"))
     assert_same_weights(ref_out / "model.safetensors", out / "model.safetensors")
-    assert step_logs(out) == step_logs(ref_out), f"kills at {kills} s"
+    assert step_logs(out) == step_logs(ref_out), f"kills: {kills}"
+    print(f"uninterrupted run {duration:.1f} s; kills: {kills}")
 
 
 # ---------------------------------------------------------------------------------------------------------------------
