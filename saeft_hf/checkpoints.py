@@ -135,15 +135,20 @@ def newest_complete_checkpoint(folder: str) -> tuple[str | None, dict[str, list[
     return None, skipped
 
 
+def wants_resume(resume: str | bool | None) -> bool:
+    """Whether a `resume_from_checkpoint` value asks to resume ("false"/"no"/"" from a command line do not)."""
+    if isinstance(resume, str):
+        return resume.strip().lower() not in ("false", "no", "none", "")
+    return bool(resume)
+
+
 def resolve_resume_checkpoint(resume: str | bool | None, output_dir: str) -> str | None:
     """The checkpoint to resume from, checked complete; None to start fresh.
 
     `resume`: None/False (start fresh), True or "true"/"last" (the newest complete checkpoint of `output_dir`, logging
     the incomplete ones it skips), or a checkpoint path. Raises `ResumeError` naming the problem and the fix.
     """
-    if resume is None or resume is False:
-        return None
-    if isinstance(resume, str) and resume.strip().lower() in ("false", "no", "none", ""):
+    if not wants_resume(resume):
         return None
     if resume is True or (isinstance(resume, str) and resume.strip().lower() in ("true", "yes", "last", "latest")):
         path, skipped = newest_complete_checkpoint(output_dir)

@@ -22,14 +22,13 @@ import functools
 import json
 import logging
 import os
-import re
 import shutil
 import socket
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
-from .checkpoints import recover_leftovers
+from .checkpoints import list_checkpoints, recover_leftovers, wants_resume
 
 logger = logging.getLogger(__name__)
 
@@ -40,7 +39,6 @@ RUN_RESULT_FILES = (
     "adapter_model.bin", "trainer_state.json", "eval_results.json",
 )
 FINISHED_MARKER = "eval_results.json"  # written last by run_saeft: its presence means the run finished
-_CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
 
 
 class OutputDirError(RuntimeError):
@@ -189,11 +187,6 @@ def _lock(output_dir: str) -> RunLock:
     return RunLock(path, fd)
 
 
-def _checkpoint_dirs(output_dir: str) -> list[str]:
-    names = [n for n in os.listdir(output_dir) if _CHECKPOINT_RE.match(n) and os.path.isdir(os.path.join(output_dir, n))]
-    return sorted(names, key=lambda n: int(_CHECKPOINT_RE.match(n).group(1)))
-
-
 def _check_contents(output_dir: str, *, overwrite: bool, resume: bool, result_files: Sequence[str],
                     checkpoints: bool) -> None:
     """Refuse another run's results (or a finished run when resuming); with `overwrite`, remove them."""
@@ -201,7 +194,7 @@ def _check_contents(output_dir: str, *, overwrite: bool, resume: bool, result_fi
         logger.warning("Cleaned up %s, left by a checkpoint save that was killed midway.", name)
     entries = set(os.listdir(output_dir))
     results = [name for name in result_files if name in entries]
-    ckpts = _checkpoint_dirs(output_dir) if checkpoints else []
+    ckpts = [os.path.basename(path) for _, path in list_checkpoints(output_dir)] if checkpoints else []
     if not results and not ckpts:
         return
     found = ", ".join(results + ckpts[-3:] + (["..."] if len(ckpts) > 3 else []))
@@ -295,7 +288,7 @@ def claimed_output_dir(training_args: Any) -> Iterator[RunLock | None]:
             lock = claim_output_dir(
                 training_args.output_dir,
                 overwrite=bool(getattr(training_args, "overwrite_output_dir", False)),
-                resume=bool(training_args.resume_from_checkpoint),
+                resume=wants_resume(training_args.resume_from_checkpoint),
             )
         except Exception as err:  # noqa: BLE001 -- forwarded to every process, then re-raised
             error, verdict = err, (type(err).__name__, str(err))

@@ -37,6 +37,7 @@ from saeft_hf.checkpoints import (
 from saeft_hf.pipeline import ModelArguments, run_saeft
 from saeft_hf.run_dir import (
     LOCK_NAME,
+    OutputDirError,
     OutputDirLockedError,
     OutputDirNotEmptyError,
     OutputDirNotWritableError,
@@ -163,6 +164,29 @@ def test_resuming_a_finished_run_says_it_is_finished(tmp_path):
     # Passing the finished run's folder itself as the checkpoint is refused too (no optimizer state in it).
     with pytest.raises(ResumeError, match="is the output directory of a run .*not a checkpoint"):
         resolve_resume_checkpoint(str(out), str(tmp_path / "elsewhere"))
+
+
+def test_train_sae_recipe_refuses_an_existing_sae_before_loading_anything(tmp_path):
+    import runpy
+
+    from saeft_hf.checkpoints import wants_resume
+
+    main = runpy.run_path(str(Path(__file__).resolve().parents[1] / "recipes" / "train_sae.py"))["main"]
+    out = tmp_path / "sae"
+    out.mkdir()
+    (out / "config.json").write_text("{}")
+    (out / "model.safetensors").write_text("")
+    argv = ["--model_name_or_path", str(tmp_path / "no-such-model"), "--train_dir", str(tmp_path), "--output_dir",
+            str(out)]
+    with pytest.raises(OutputDirNotEmptyError, match=r"already holds another run's results \(model.safetensors, "
+                                                     r"config.json\).*--overwrite_output_dir"):
+        main(argv)
+    with pytest.raises(Exception) as info:  # with the flag it gets past the directory, to loading the data
+        main([*argv, "--overwrite_output_dir"])
+    assert not isinstance(info.value, OutputDirError)
+    # resume_from_checkpoint from a command line: "false" does not resume
+    assert [wants_resume(v) for v in (None, False, "false", "", "true", "out/checkpoint-3", True)] == \
+        [False, False, False, False, True, True, True]
 
 
 def test_a_second_recipe_run_on_a_busy_output_dir_fails_fast_and_the_first_finishes(tmp_path, clip_dir):
@@ -297,6 +321,52 @@ def test_resume_refuses_a_checkpoint_of_another_run(clip_dir, tmp_path, change):
     label = "global batch" if key in ("per_device_train_batch_size", "gradient_accumulation_steps") else key
     assert label in str(info.value)
     assert other.state.global_step == 0  # refused before any step
+
+
+def test_sae_folder_and_result_files_are_replaced_whole(clip_dir, tmp_path, monkeypatch):
+    """A failure while `sae/`, eval_results.json or the card is rewritten leaves the previous version as it was."""
+    from saeft_hf import hub
+    from saeft_hf.atomic import write_dir_atomic
+
+    _, sae = _model_and_sae(clip_dir)
+    sae_dir = tmp_path / "sae"
+    write_dir_atomic(sae_dir, sae.save_pretrained)
+    before = {p.name: p.read_bytes() for p in sae_dir.iterdir()}
+
+    def dies_midway(tmp: Path) -> None:
+        sae.save_pretrained(tmp)
+        (tmp / "model.safetensors").write_bytes(b"half")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    with pytest.raises(OSError, match="No space left"):
+        write_dir_atomic(sae_dir, dies_midway)
+    assert {p.name: p.read_bytes() for p in sae_dir.iterdir()} == before
+    assert sorted(os.listdir(tmp_path)) == ["sae"]  # no temporary folder left
+
+    hub.save_results(tmp_path / "eval_results.json", {"final": {"validation": 0.5}})
+    card = hub.write_model_card(tmp_path, model_name="run", base_model="clip", results={"validation": 0.5})
+    saved = card.read_text(), (tmp_path / "eval_results.json").read_text()
+
+    import builtins
+
+    real_open = builtins.open
+
+    def open_on_full_disk(file, mode="r", *args, **kwargs):
+        if "w" in mode and os.path.basename(str(file)).startswith(".tmp-"):
+            fh = real_open(file, mode, *args, **kwargs)
+            fh.write("{ half")
+            fh.close()
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_open(file, mode, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "open", open_on_full_disk)
+    with pytest.raises(OSError, match="No space left"):
+        hub.save_results(tmp_path / "eval_results.json", {"final": {"validation": 0.9}})
+    with pytest.raises(OSError, match="No space left"):
+        hub.write_model_card(tmp_path, model_name="run", base_model="clip", results={"validation": 0.9})
+    monkeypatch.undo()
+    assert (card.read_text(), (tmp_path / "eval_results.json").read_text()) == saved
+    assert sorted(os.listdir(tmp_path)) == ["README.md", "eval_results.json", "sae"]
 
 
 # ---------------------------------------------------------------------------------------------------------------------
