@@ -22,6 +22,7 @@ from accelerate import PartialState
 from saeft_hf.data import load_image_dataset, transforms_from_pretrained
 from saeft_hf.modeling import SAEFTCLIPForImageClassification
 from saeft_hf.pipeline import ModelArguments, parse_args, sae_training_embeddings, train_sae_for_model
+from saeft_hf.run_dir import claimed_by_writers
 
 
 @dataclass
@@ -39,6 +40,9 @@ class SAERunArguments:
     bf16: bool = field(default=False, metadata={"help": "Embedding pass under bf16 autocast (default: fp32)."})
     fp16: bool = field(default=False, metadata={"help": "Embedding pass under fp16 autocast (default: fp32)."})
     use_cpu: bool = field(default=False, metadata={"help": "Run on the CPU even when an accelerator is present."})
+    overwrite_output_dir: bool = field(
+        default=False, metadata={"help": "Replace an SAE already saved in --output_dir (otherwise refused)."}
+    )
 
 
 def main(argv: list[str]) -> None:
@@ -47,6 +51,15 @@ def main(argv: list[str]) -> None:
         raise ValueError("Pass at most one of --bf16 and --fp16.")
     # One process, or one per accelerator under accelerate launch / torchrun (this initialises the process group).
     state = PartialState(cpu=run_args.use_cpu)
+    # Before anything is loaded: a writable output_dir, not in use by another run, holding no other SAE (checked by
+    # rank 0, the verdict shared so that every rank fails together).
+    with claimed_by_writers(run_args.output_dir, writes=state.is_main_process, world_size=state.num_processes,
+                            overwrite=run_args.overwrite_output_dir, result_files=("model.safetensors", "config.json"),
+                            checkpoints=False):
+        train_and_save(model_args, run_args, state)
+
+
+def train_and_save(model_args: ModelArguments, run_args: SAERunArguments, state: PartialState) -> None:
     with state.main_process_first():  # one process prepares the datasets cache, the others then read it
         dataset = load_image_dataset(dataset_name=run_args.dataset_name,
                                      dataset_config_name=run_args.dataset_config_name, train_dir=run_args.train_dir,

@@ -88,6 +88,13 @@ class SAEFTConfig(TrainingArguments):
                   "choices": list(HEAD_INITS)},
     )
 
+    # -- The output directory ------------------------------------------------------------------------------------
+    overwrite_output_dir: bool = field(
+        default=False,
+        metadata={"help": "Replace the results and checkpoints of an earlier run in output_dir (otherwise a run "
+                          "refuses a directory that holds them, unless it resumes with --resume_from_checkpoint)."},
+    )
+
     # -- Re-declared parent defaults (the paper's recipe; image datasets need the raw columns) -------------------
     learning_rate: float = field(default=1e-5, metadata={"help": "Peak AdamW learning rate (the paper: 1e-5)."})
     weight_decay: float = field(default=0.1, metadata={"help": "AdamW weight decay (the paper: 0.1)."})

@@ -14,6 +14,8 @@ from typing import Any
 
 from huggingface_hub import EvalResult, HfApi, ModelCard, ModelCardData
 
+from .atomic import write_text_atomic
+
 CARD_TEMPLATE = """---
 {{ card_data }}
 ---
@@ -120,9 +122,7 @@ def build_model_card(
 
 def write_model_card(output_dir: str | Path, **kwargs: Any) -> Path:
     """Render `build_model_card(**kwargs)` into `output_dir/README.md`."""
-    path = Path(output_dir) / "README.md"
-    build_model_card(**kwargs).save(path)
-    return path
+    return write_text_atomic(Path(output_dir) / "README.md", str(build_model_card(**kwargs)))
 
 
 # What a push leaves out (fnmatch on paths relative to output_dir, where `*` also matches `/`): checkpoints, pickles,
@@ -175,10 +175,5 @@ def push_run_to_hub(
 
 
 def save_results(path: str | Path, results: Mapping[str, Any]) -> Path:
-    """Write results JSON atomically."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(results, indent=2, sort_keys=True))
-    os.replace(tmp, path)
-    return path
+    """Write results JSON atomically (a temporary file, synced, then `os.replace`)."""
+    return write_text_atomic(path, json.dumps(results, indent=2, sort_keys=True))

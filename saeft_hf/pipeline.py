@@ -19,6 +19,7 @@ import torch
 import yaml
 from transformers import HfArgumentParser
 
+from .atomic import write_dir_atomic
 from .config import SAEFTConfig
 from .data import (
     REFERENCE_COLUMN,
@@ -33,6 +34,7 @@ from .embeddings import add_reference_embeddings, compute_embeddings
 from .evaluation import evaluate_sets, shift_averages, wise_ft_sweep
 from .hub import push_run_to_hub, save_results, write_model_card
 from .lora import add_lora, save_base_config
+from .run_dir import claims_output_dir
 from .sae import SAEConfig, SparseAutoencoder
 from .sae_training import train_sae
 from .trainer import SAE_SUBFOLDER, SAEFTTrainer, SetEpochCallback, base_classifier
@@ -281,6 +283,9 @@ def add_cached_reference(model: Any, dataset: Any, eval_transform: Callable[[Any
                                     progress=False, distributed=training_args.world_size > 1)
 
 
+# First of all, before anything is loaded: take output_dir's lock and check that it is writable and holds no other
+# run's results (see saeft_hf.run_dir); the lock is held until run_saeft returns or raises.
+@claims_output_dir
 def run_saeft(
     model_args: ModelArguments,
     training_args: SAEFTConfig,
@@ -318,7 +323,9 @@ def run_saeft(
         skip_corrupt_images: skip (and log) undecodable images in the SAE, linear-probe, training and eval passes.
         model: a ready classifier (skips `build_model`).
 
-    Fails before building anything when a map-style train or eval set is empty (or, with `dataloader_drop_last`,
+    Fails before building anything when `output_dir` is not writable, is in use by another run (its lock file
+    `.saeft.lock`), or holds another run's results without `overwrite_output_dir` or `resume_from_checkpoint`
+    (`saeft_hf.run_dir`), and when a map-style train or eval set is empty (or, with `dataloader_drop_last`,
     smaller than one step). With `push_to_hub`, the upload happens here, once, at the end: the Trainer's own
     `push_to_hub` is turned off and `hub_token` is taken out of `training_args` (so no `training_args.bin` holds
     it). Several processes: only the main process trains and saves the SAE (the others load it) and writes the
@@ -365,7 +372,7 @@ def run_saeft(
                                               output_dir=output_dir, seed=training_args.seed,
                                               skip_corrupt_images=skip_corrupt_images, embeddings=embeddings,
                                               device=device)
-                    sae.save_pretrained(sae_dir)
+                    write_dir_atomic(sae_dir, sae.save_pretrained)  # whole or absent: it is reused on resume
 
     if (training_args.reference_mode == "cached" and training_args.regularization_active
             and training_args.regularizer in ("sae_ft", "feature_distill")):

@@ -8,8 +8,12 @@ augmented images (a frozen copy for full fine-tuning; for LoRA, the same model w
 from __future__ import annotations
 
 import copy
+import hashlib
+import json
+import logging
 import math
 import os
+import shutil
 from collections import defaultdict
 from typing import Any
 
@@ -19,13 +23,26 @@ import torch.nn.functional as F
 from peft import PeftModel
 from torch import nn
 from transformers import EvalPrediction, Trainer, TrainerCallback
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
 
+from .atomic import STAGING_PREFIX, fsync_tree, publish_dir, write_dir_atomic
+from .checkpoints import (
+    RUN_INFO_NAME,
+    CheckpointSaveError,
+    check_run_matches,
+    is_disk_full,
+    list_checkpoints,
+    recover_leftovers,
+    resolve_resume_checkpoint,
+)
 from .config import SAEFTConfig
 from .modeling import SAEFTCLIPForImageClassification
 from .penalty import feature_distillation_penalty, l2sp_penalty, sae_ft_penalty
 from .sae import SparseAutoencoder
 
 SAE_SUBFOLDER = "sae"
+
+logger = logging.getLogger(__name__)
 
 
 def compute_accuracy(eval_pred: EvalPrediction) -> dict[str, float]:
@@ -233,27 +250,143 @@ class SAEFTTrainer(Trainer):
         super().log(logs, start_time)
         self._metrics[mode].clear()
 
+    def _count_processes(self, flag: torch.Tensor | bool) -> int:
+        """How many processes have `flag` set (every process must call this at the same point)."""
+        value = torch.as_tensor(flag, device=self.args.device).to(torch.float32).reshape(())
+        if self.args.world_size > 1:
+            value = self.accelerator.reduce(value.clone(), reduction="sum")
+        return int(value.item())
+
     def _raise_if_nonfinite(self) -> None:
-        if bool(self._nonfinite):
-            checkpoints = sorted(
-                (d for d in os.listdir(self.args.output_dir) if d.startswith("checkpoint-")),
-                key=lambda d: int(d.split("-")[-1]),
-            ) if os.path.isdir(self.args.output_dir) else []
-            last = os.path.join(self.args.output_dir, checkpoints[-1]) if checkpoints else None
+        # Every process gets here at the same step (logging and saving steps are global). The flags are summed over
+        # processes, so a NaN on any one stops all of them here with the same error; a per-process check would let
+        # that one raise while the others wait for it forever at the next collective.
+        flagged = self._count_processes(self._nonfinite)
+        if flagged:
+            checkpoints = list_checkpoints(self.args.output_dir)
+            last = checkpoints[-1][1] if checkpoints else None
+            where = f" on {flagged} of {self.args.world_size} processes" if self.args.world_size > 1 else ""
             raise FloatingPointError(
-                f"The training loss became NaN or inf at or before step {self.state.global_step}; training stopped "
-                f"and nothing after it was saved. Last good checkpoint: {last or 'none saved yet'}. Lower "
+                f"The training loss became NaN or inf{where} at or before step {self.state.global_step}; training "
+                f"stopped and nothing after it was saved. Last good checkpoint: {last or 'none saved yet'}. Lower "
                 "learning_rate or lambda_reg, check the images for NaN/inf, or train in fp32, then resume with "
                 "--resume_from_checkpoint."
             )
 
+    # ------------------------------------------------------------------------------------------------------------
+    # Checkpoints: written whole or not at all, resumed only when complete and from the same run
+    # ------------------------------------------------------------------------------------------------------------
+    _staging_root: str | None = None  # set while a checkpoint is being written
+    _sae_digest: str | None = None
+
+    def run_info(self) -> dict[str, Any]:
+        """The settings a resumed run must share with its checkpoint (saved as `saeft_checkpoint.json`)."""
+        args: SAEFTConfig = self.args
+        base = base_classifier(self.model)
+        source = base.config.source_model
+        if self._sae_digest is None and self.sae is not None:
+            digest = hashlib.sha256()
+            for name, tensor in sorted(self.sae.state_dict().items()):
+                digest.update(name.encode())
+                digest.update(tensor.detach().float().cpu().numpy().tobytes())
+            self._sae_digest = digest.hexdigest()[:16]
+        world = max(1, args.world_size)
+        return {
+            "model": os.path.normpath(source) if source else None,
+            "representation": base.config.representation,
+            "num_labels": base.config.num_labels,
+            "lora": ({"r": args.lora_r, "alpha": args.lora_alpha, "dora": args.use_dora,
+                      "target_modules": sorted(args.lora_target_modules)} if self.is_lora else None),
+            "regularizer": args.regularizer if args.regularization_active else "none",
+            "lambda_reg": args.lambda_reg, "lambda_add": args.lambda_add, "lambda_remove": args.lambda_remove,
+            "mu": args.mu, "sae_normalize": args.sae_normalize,
+            "sae": self._sae_digest if self.sae is not None else None,
+            "global_batch_size": args.per_device_train_batch_size * world * args.gradient_accumulation_steps,
+            "world_size": world,
+            "per_device_train_batch_size": args.per_device_train_batch_size,
+            "gradient_accumulation_steps": args.gradient_accumulation_steps,
+        }
+
+    def train(self, resume_from_checkpoint: str | bool | None = None, trial: Any = None, **kwargs: Any) -> Any:
+        """`Trainer.train`, resuming only from a complete checkpoint of this same run.
+
+        `resume_from_checkpoint=True` (or "true"/"last") picks the newest complete checkpoint in `output_dir` and logs
+        the incomplete ones it skipped; a path must be a complete checkpoint. An incomplete checkpoint (no optimizer
+        or scheduler state, ...) or one written with another model, regulariser, SAE or global batch is refused
+        with a `ResumeError` saying why.
+        """
+        if self.args.should_save:
+            for name in recover_leftovers(self.args.output_dir):
+                logger.warning("Cleaned up %s, left by a checkpoint save that was killed midway.", name)
+        resume_from_checkpoint = resolve_resume_checkpoint(resume_from_checkpoint, self.args.output_dir)
+        if resume_from_checkpoint is not None:
+            check_run_matches(resume_from_checkpoint, self.run_info())
+        return super().train(resume_from_checkpoint=resume_from_checkpoint, trial=trial, **kwargs)
+
+    def _get_output_dir(self, trial: Any) -> str:
+        # While a checkpoint is being saved, the Trainer's code writes under the staging folder (see below).
+        return self._staging_root if self._staging_root is not None else super()._get_output_dir(trial)
+
     def _save_checkpoint(self, model: nn.Module, trial: Any) -> None:
+        """Write `checkpoint-N` as if atomically: in `.tmp-checkpoint-N/`, renamed into place when complete.
+
+        The Trainer's own `_save_checkpoint` does the writing, pointed at the staging folder through
+        `_get_output_dir`; rotation (`save_total_limit`) and a Hub push then run on the published folder. If any
+        process fails to write (a full disk, ...), every process raises `CheckpointSaveError` and the earlier
+        checkpoints are left as they were.
+        """
         self._raise_if_nonfinite()  # never overwrite a good checkpoint with NaN weights
-        super()._save_checkpoint(model, trial)
+        run_dir = super()._get_output_dir(trial)
+        name = f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
+        final, staging_root = os.path.join(run_dir, name), os.path.join(run_dir, STAGING_PREFIX + name)
+        staged = os.path.join(staging_root, name)
+        if self.args.should_save and os.path.exists(staging_root):
+            shutil.rmtree(staging_root)  # from an earlier attempt at this step that was killed
+        self.accelerator.wait_for_everyone()  # ...before any process writes its RNG state into it
+        push, limit = self.args.push_to_hub, self.args.save_total_limit
+        error: BaseException | None = None
+        self._staging_root = staging_root
+        self.args.push_to_hub, self.args.save_total_limit = False, None  # both done below, on `final`
+        try:
+            super()._save_checkpoint(model, trial)
+            if self.args.should_save:
+                if self.state.best_model_checkpoint == staged:
+                    self.state.best_model_checkpoint = final
+                    self.state.save_to_json(os.path.join(staged, "trainer_state.json"))
+                with open(os.path.join(staged, RUN_INFO_NAME), "w", encoding="utf-8") as fh:
+                    json.dump(self.run_info(), fh, indent=2, sort_keys=True)
+                fsync_tree(staged)
+        except Exception as err:  # noqa: BLE001 -- every process must learn of it (below) before anyone raises
+            error = err
+        finally:
+            self._staging_root = None
+            self.args.push_to_hub, self.args.save_total_limit = push, limit
+        failed = self._count_processes(error is not None)
+        if failed:
+            if self.args.should_save:
+                shutil.rmtree(staging_root, ignore_errors=True)
+            previous = list_checkpoints(run_dir)
+            reason = "the disk is full" if error is not None and is_disk_full(error) else "writing it failed"
+            detail = f" ({type(error).__name__}: {error})" if error is not None else " on another process"
+            raise CheckpointSaveError(
+                f"Saving {name} failed: {reason}{detail}. Nothing of it was kept; "
+                + (f"the previous checkpoint {previous[-1][1]} is intact. " if previous
+                   else "no earlier checkpoint exists. ")
+                + f"Free space under {run_dir} (or lower save_total_limit, or use a larger disk), then "
+                + ("resume with --resume_from_checkpoint true." if previous else "run again.")
+            ) from error
+        if self.args.should_save:
+            publish_dir(staged, final)
+            shutil.rmtree(staging_root, ignore_errors=True)
+            rotate_checkpoints(output_dir=run_dir, save_total_limit=limit,
+                               best_model_checkpoint=self.state.best_model_checkpoint, use_mtime=True)
+        if push:
+            self._push_from_checkpoint(final)
 
     def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
         super()._save(output_dir, state_dict=state_dict)
         output_dir = output_dir if output_dir is not None else self.args.output_dir
         if self.sae is not None and self.args.should_save:
-            # The SAE travels with every checkpoint and with the final model (and so to the Hub).
-            self.sae.save_pretrained(os.path.join(output_dir, SAE_SUBFOLDER))
+            # The SAE travels with every checkpoint and with the final model (and so to the Hub); written as a whole
+            # folder, so a kill while it is replaced leaves the old or the new SAE, never a mix.
+            write_dir_atomic(os.path.join(output_dir, SAE_SUBFOLDER), self.sae.save_pretrained)

@@ -111,6 +111,7 @@ def method_args(method: str, cfg: DigitExperimentConfig, seed: int, out_dir: str
         warmup_steps=cfg.warmup_ratio, lr_scheduler_type="cosine", logging_steps=20, save_strategy="no",
         eval_strategy="no", use_cpu=not torch.cuda.is_available(), report_to="none", disable_tqdm=True,
         dataloader_num_workers=0, use_lora=lora, lora_r=cfg.lora_r, lora_alpha=2 * cfg.lora_r,
+        overwrite_output_dir=True,  # the experiment owns runs/<method>-seed<seed>: a re-run replaces its runs
     )
     sae_ft = dict(regularizer="sae_ft", lambda_reg=cfg.sae_ft_lambda_reg, lambda_add=cfg.sae_ft_lambda_add,
                   lambda_remove=cfg.sae_ft_lambda_remove, mu=cfg.sae_ft_mu, sae_normalize=cfg.sae_ft_normalize)
