@@ -24,6 +24,7 @@ from .data import (
     REFERENCE_COLUMN,
     ImageClassificationCollator,
     check_dataset_size,
+    random_subset,
     transforms_from_pretrained,
     with_image_transform,
 )
@@ -58,7 +59,8 @@ class ModelArguments:
     sae_batch_size: int = field(default=1024, metadata={"help": "New SAE: batch size (paper: 1024)."})
     sae_lr: float = field(default=1e-3, metadata={"help": "New SAE: AdamW learning rate (paper: 1e-3)."})
     sae_max_samples: int | None = field(
-        default=None, metadata={"help": "New SAE: embed at most this many training images (all by default)."}
+        default=None, metadata={"help": "New SAE: embed a seeded random subset of this many training images (all by "
+                                        "default; see saeft_hf.data.random_subset for streams)."}
     )
     sae_aux_k: int | None = field(default=None, metadata={"help": "New SAE: AuxK dead latents (None: off, as the paper)."})
     embedding_batch_size: int = field(default=256, metadata={"help": "Batch size for computing embeddings."})
@@ -120,8 +122,7 @@ def train_sae_for_model(
     skip_corrupt_images: bool = False,
 ) -> SparseAutoencoder:
     """Train an SAE on the pre-trained model's embeddings of `dataset` (eval transform, no augmentation)."""
-    if model_args.sae_max_samples is not None:
-        dataset = dataset.take(model_args.sae_max_samples) if hasattr(dataset, "take") else dataset
+    dataset = random_subset(dataset, model_args.sae_max_samples, seed=seed)  # seeded, never the first rows
     # The same skip policy as training: a corrupt image must not stop the SAE's embedding pass when skips are on.
     images = with_image_transform(dataset, eval_transform, skip_corrupt_images=skip_corrupt_images)
     cache = os.path.join(output_dir, "sae_embeddings.safetensors") if output_dir else None
