@@ -195,7 +195,7 @@ class SAEFTConfig(TrainingArguments):
             )
         self.gradient_accumulation_steps = derived
 
-    def stream_steps_per_epoch(self, world_size: int | None = None) -> int:
+    def stream_steps_per_epoch(self) -> int:
         """Optimizer steps in one epoch of a stream of `num_train_examples`: floor(examples / global batch).
 
         Floor, not ceil: every step then sees a full global batch (static shapes, the same batch statistics on any
@@ -204,7 +204,7 @@ class SAEFTConfig(TrainingArguments):
         """
         if self.num_train_examples is None:
             raise ValueError("stream_steps_per_epoch needs num_train_examples.")
-        world_size = self.world_size if world_size is None else world_size
+        world_size = self.world_size
         global_batch = self.per_device_train_batch_size * self.gradient_accumulation_steps * world_size
         steps = self.num_train_examples // global_batch
         if steps < 1:
@@ -215,11 +215,11 @@ class SAEFTConfig(TrainingArguments):
             )
         return steps
 
-    def stream_max_steps(self, world_size: int | None = None) -> int:
+    def stream_max_steps(self) -> int:
         """Total optimizer steps of a streaming run: max_steps if set, else ceil(num_train_epochs x steps/epoch)."""
         if self.max_steps > 0:
             return self.max_steps
-        return math.ceil(self.num_train_epochs * self.stream_steps_per_epoch(world_size))
+        return math.ceil(self.num_train_epochs * self.stream_steps_per_epoch())
 
     @property
     def regularization_active(self) -> bool:

@@ -135,7 +135,7 @@ class SAEFTTrainer(Trainer):
         if args.accelerator_config.dispatch_batches is None:
             args.accelerator_config.dispatch_batches = False
         readers = args.world_size * max(1, args.dataloader_num_workers)
-        if not args.accelerator_config.dispatch_batches and stream.num_shards < readers:
+        if not args.accelerator_config.dispatch_batches and stream.num_shards < readers and args.process_index == 0:
             logger.warning(
                 "The training stream has %d shard(s) for %d process(es) x %d dataloader worker(s): %s Use more shards "
                 "(more webdataset tars / parquet files; for a map-style dataset Dataset.to_iterable_dataset(num_shards="
