@@ -13,12 +13,13 @@ adapter), `sae/`, `trainer_state.json` and `eval_results.json` in `--output_dir`
 
 from __future__ import annotations
 
+import logging
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from saeft_hf.config import SAEFTConfig
-from saeft_hf.data import check_dataset_size, load_image_dataset, shuffle_for_training
+from saeft_hf.data import check_dataset_size, load_image_dataset, random_subset, shuffle_for_training
 from saeft_hf.evaluation import load_eval_sets, load_eval_specs
 from saeft_hf.imagenet_classes import IMAGENET_TEMPLATES, imagenet_classnames, imagenet_wnids
 from saeft_hf.pipeline import ModelArguments, parse_args, run_saeft
@@ -34,13 +35,29 @@ class DataArguments:
     dataset_config_name: str | None = field(default=None, metadata={"help": "Dataset configuration name."})
     train_dir: str | None = field(default=None, metadata={"help": "Local class-folder tree for training."})
     validation_dir: str | None = field(default=None, metadata={"help": "Local class-folder tree for validation."})
+    train_files: list[str] | None = field(
+        default=None, metadata={"help": "Local training files: webdataset tars (<key>.jpg + <key>.cls) or parquet "
+                                        "files, as globs or paths, e.g. 'shards/train-*.tar' (the builder follows "
+                                        "the extension; one stream shard per file)."}
+    )
+    validation_files: list[str] | None = field(
+        default=None, metadata={"help": "Local validation files, as --train_files."}
+    )
     train_split: str = field(default="train", metadata={"help": "Training split name."})
     validation_split: str = field(default="validation", metadata={"help": "ID validation split name."})
-    streaming: bool = field(default=False, metadata={"help": "Stream the training set (needs --max_steps)."})
+    streaming: bool = field(
+        default=False, metadata={"help": "Stream the training set; give --num_train_examples (examples per pass) to "
+                                        "train for --num_train_epochs, or --max_steps."}
+    )
     image_column: str | None = field(default=None, metadata={"help": "Image column (auto-detected by default)."})
     label_column: str | None = field(default=None, metadata={"help": "Label column (auto-detected by default)."})
-    max_train_samples: int | None = field(default=None, metadata={"help": "Use only the first N training images."})
-    max_eval_samples: int | None = field(default=None, metadata={"help": "Use only the first N validation images."})
+    max_train_samples: int | None = field(
+        default=None, metadata={"help": "Train on a seeded random subset of N images (a stream: the first N after its "
+                                        "seeded shuffle, redrawn each epoch)."}
+    )
+    max_eval_samples: int | None = field(
+        default=None, metadata={"help": "Validate on a seeded random subset of N images."}
+    )
     skip_corrupt_images: bool = field(
         default=False, metadata={"help": "Skip (and count) undecodable images instead of stopping with an error."}
     )
@@ -58,12 +75,6 @@ class DataArguments:
     wise_ft_alphas: list[float] | None = field(
         default=None, metadata={"help": "WiSE-FT mixing weights to sweep after training (alpha chosen on ID validation)."}
     )
-
-
-def _take(dataset, n):
-    if n is None:
-        return dataset
-    return dataset.take(n) if hasattr(dataset, "take") else dataset.select(range(min(n, len(dataset))))
 
 
 def classnames_for(dataset, data_args: DataArguments) -> list[str]:
@@ -91,24 +102,35 @@ def classnames_for(dataset, data_args: DataArguments) -> list[str]:
 
 def main(argv: list[str]) -> None:
     model_args, data_args, training_args = parse_args((ModelArguments, DataArguments, SAEFTConfig), argv)
+    # The library logs its plan (batch, accumulation, steps) and progress at INFO; only the main process prints it.
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+                        level=logging.INFO if training_args.process_index == 0 else logging.WARNING)
     source = dict(
         dataset_name=data_args.dataset_name, dataset_config_name=data_args.dataset_config_name,
         image_column=data_args.image_column, label_column=data_args.label_column,
     )
-    train = load_image_dataset(**source, train_dir=data_args.train_dir, split=data_args.train_split,
-                               streaming=data_args.streaming)
+    # A local folder streams in shards for every process and DataLoader worker (several each, for the shuffle).
+    stream_shards = training_args.world_size * max(1, training_args.dataloader_num_workers) * 8
+    train = load_image_dataset(**source, train_dir=data_args.train_dir, data_files=data_args.train_files,
+                               split=data_args.train_split, streaming=data_args.streaming,
+                               num_shards=stream_shards if data_args.train_dir else None)
     validation = None
-    if data_args.validation_dir or data_args.dataset_name:
+    if data_args.validation_dir or data_args.validation_files or data_args.dataset_name:
         validation = load_image_dataset(**source, validation_dir=data_args.validation_dir,
-                                        split=data_args.validation_split)
+                                        data_files=data_args.validation_files, split=data_args.validation_split)
     classnames = classnames_for(train, data_args)
     if data_args.streaming:
         # An empty stream would otherwise "train" for 0 steps and save the untouched model. Checked on the raw,
         # undecoded stream before the shuffle buffer, so this reads one example. (run_saeft checks map-style sets.)
         check_dataset_size(train, 1, "The training stream")
-        train = shuffle_for_training(train, seed=training_args.seed)
-    train = _take(train, data_args.max_train_samples)
-    validation = _take(validation, data_args.max_eval_samples) if validation is not None else None
+        if data_args.max_train_samples is None:
+            train = shuffle_for_training(train, seed=training_args.seed)
+        elif training_args.num_train_examples is not None:  # an epoch is a pass over the subset
+            training_args.num_train_examples = min(training_args.num_train_examples, data_args.max_train_samples)
+    # Seeded random subsets, never the first rows (a stream's subset comes out of its seeded shuffle).
+    train = random_subset(train, data_args.max_train_samples, seed=training_args.seed)
+    if validation is not None:
+        validation = random_subset(validation, data_args.max_eval_samples, seed=training_args.seed)
 
     templates = list(IMAGENET_TEMPLATES)
     if data_args.templates_file:

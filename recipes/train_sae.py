@@ -74,7 +74,7 @@ def train_and_save(model_args: ModelArguments, run_args: SAERunArguments, state:
     embeddings = sae_training_embeddings(
         model, dataset, eval_transform, model_args, output_dir=run_args.output_dir, split=run_args.split,
         device=state.device, autocast_dtype=autocast, num_workers=run_args.dataloader_num_workers,
-        distributed=state.num_processes > 1,
+        distributed=state.num_processes > 1, seed=run_args.seed,
     )
     if not state.is_main_process:
         return  # the others are done: nothing left to wait for, so no barrier can time out while rank 0 trains

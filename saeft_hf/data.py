@@ -51,6 +51,7 @@ __all__ = [
     "check_dataset_size",
     "decode_image",
     "load_image_dataset",
+    "random_subset",
     "relabel_by_name",
     "shuffle_for_training",
     "to_model_mode",
@@ -652,6 +653,7 @@ def load_image_dataset(
     token: str | bool | None = None,
     revision: str | None = None,
     cache_dir: str | None = None,
+    num_shards: int | None = None,
 ) -> AnyDataset:
     """Load an image-classification split with its columns normalised to ``image`` (undecoded) and ``label``.
 
@@ -669,6 +671,12 @@ def load_image_dataset(
     the label column (label/labels/cls) unless given; they are renamed ``image`` / ``label``. Other columns are
     dropped except ``__key__`` / ``__url__`` (webdataset ids, used to name corrupt samples). The image column is
     cast to ``Image(decode=False)`` so that the transform decodes it.
+
+    ``streaming=True`` with local folders: ``datasets`` would stream a folder as a single shard, which one DataLoader
+    worker of one process reads alone. The folder is instead listed into a table of paths (no image is read) and
+    streamed in ``num_shards`` shards (default 64, at most one per image); give at least processes x DataLoader
+    workers. The table is first put in a fixed random order, so that each shard mixes the classes (folders list
+    them one by one) as the shards of a webdataset export do; the run's seed then shuffles shard order and buffer.
 
     ``numeric_folder_labels``: folder names that are all digits (ImageNetV2's ``0``..``999``) sort as strings
     (``'0', '1', '10', '100', ...``); the label is mapped back to ``int(folder name)``. ``None`` (default) does this
@@ -718,8 +726,8 @@ def load_image_dataset(
 
     try:
         ds = datasets.load_dataset(path, dataset_config_name, data_dir=data_dir, data_files=data_files, split=split,
-                                   streaming=streaming, token=token, revision=revision, cache_dir=cache_dir,
-                                   **builder_kwargs)
+                                   streaming=streaming and not has_dirs, token=token, revision=revision,
+                                   cache_dir=cache_dir, **builder_kwargs)
     except ValueError as err:
         msg = str(err)
         if re.search(r"(unknown|bad) split|should be one of|available splits", msg, re.IGNORECASE):
@@ -752,7 +760,19 @@ def load_image_dataset(
     elif numeric_folder_labels:
         raise ValueError("numeric_folder_labels=True needs a ClassLabel label column (an imagefolder dataset); "
                          f"found {label_feature!r}.")
+    if streaming and has_dirs:
+        ds = _stream_in_shards(ds, num_shards)
     return ds
+
+
+def _stream_in_shards(ds: datasets.Dataset, num_shards: int | None) -> datasets.IterableDataset:
+    """A map-style table (of image paths) as a stream of ``num_shards`` class-mixed shards (see load_image_dataset)."""
+    num_shards = 64 if num_shards is None else num_shards
+    if num_shards < 1:
+        raise ValueError(f"num_shards must be >= 1, got {num_shards}.")
+    # Seed 0, not the run's: the shard layout is part of the data source, like the order inside a webdataset tar.
+    ds = ds.shuffle(seed=0, keep_in_memory=True).flatten_indices(keep_in_memory=True)
+    return ds.to_iterable_dataset(num_shards=min(num_shards, len(ds)))
 
 
 def _normalise_columns(ds: AnyDataset, *, image_column: str | None, label_column: str | None,
@@ -790,6 +810,30 @@ def shuffle_for_training(ds: AnyDataset, seed: int, buffer_size: int = 10_000) -
     if isinstance(ds, datasets.IterableDataset):
         return ds.shuffle(seed=seed, buffer_size=buffer_size)
     return ds
+
+
+def random_subset(ds: AnyDataset, n: int | None, seed: int, *, buffer_size: int = 10_000) -> AnyDataset:
+    """At most ``n`` examples of ``ds`` drawn at random with ``seed`` (``ds`` itself when ``n`` is None or >= its size).
+
+    Map-style: ``n`` distinct rows drawn uniformly (``numpy.random.default_rng(seed)``), kept in dataset order (sorted
+    indices: the subset depends only on (seed, n, len(ds)), and reads stay in file order). Never simply the first
+    rows, which in a class-folder dataset would be the first classes.
+
+    Streaming: a stream cannot be sampled without reading all of it, so this is the first ``n`` examples after a
+    seeded shuffle (``ds.shuffle(seed, buffer_size).take(n)``: the shard order, then a ``buffer_size`` buffer), i.e. a
+    random draw from the first shards in the seeded order. The result is already shuffled (do not shuffle it again).
+    ``datasets`` reseeds that shuffle at every ``set_epoch``, so a streamed *training* subset is redrawn each epoch.
+    """
+    if n is None:
+        return ds
+    if n < 0:
+        raise ValueError(f"The subset size must be >= 0 (or None for everything), got {n}.")
+    if isinstance(ds, datasets.IterableDataset):
+        return ds.shuffle(seed=seed, buffer_size=buffer_size).take(n)
+    if n >= len(ds):
+        return ds
+    rng = np.random.default_rng(seed)
+    return ds.select(np.sort(rng.choice(len(ds), size=n, replace=False)))
 
 
 def check_dataset_size(ds: AnyDataset, min_examples: int, name: str = "dataset") -> int:

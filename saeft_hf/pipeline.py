@@ -25,6 +25,7 @@ from .data import (
     REFERENCE_COLUMN,
     ImageClassificationCollator,
     check_dataset_size,
+    random_subset,
     transforms_from_pretrained,
     with_image_transform,
 )
@@ -62,7 +63,8 @@ class ModelArguments:
     sae_batch_size: int = field(default=1024, metadata={"help": "New SAE: batch size (paper: 1024)."})
     sae_lr: float = field(default=1e-3, metadata={"help": "New SAE: AdamW learning rate (paper: 1e-3)."})
     sae_max_samples: int | None = field(
-        default=None, metadata={"help": "New SAE: embed at most this many training images (all by default)."}
+        default=None, metadata={"help": "New SAE: embed a seeded random subset of this many training images (all by "
+                                        "default; see saeft_hf.data.random_subset for streams)."}
     )
     sae_aux_k: int | None = field(default=None, metadata={"help": "New SAE: AuxK dead latents (None: off, as the paper)."})
     embedding_batch_size: int = field(default=256, metadata={"help": "Batch size for computing embeddings."})
@@ -142,6 +144,7 @@ def sae_training_embeddings(
     autocast_dtype: torch.dtype | None = None,
     num_workers: int = 0,
     distributed: bool = False,
+    seed: int = 0,
 ) -> torch.Tensor:
     """The pre-trained model's embeddings [N, d] of `dataset` (eval transform, no augmentation) for the SAE.
 
@@ -150,8 +153,7 @@ def sae_training_embeddings(
     (keyed by `saeft_hf.cache.embedding_cache_key`: model weights, data fingerprint, split, sample count, transform,
     representation, dtype); only rank 0 writes it.
     """
-    if model_args.sae_max_samples is not None:
-        dataset = dataset.take(model_args.sae_max_samples) if hasattr(dataset, "take") else dataset
+    dataset = random_subset(dataset, model_args.sae_max_samples, seed=seed)  # seeded, never the first rows
     # The same skip policy as training: a corrupt image must not stop the SAE's embedding pass when skips are on.
     images = with_image_transform(dataset, eval_transform, skip_corrupt_images=skip_corrupt_images)
     key = (embedding_cache_key(model, dataset, split=split, transform=eval_transform,
@@ -189,7 +191,7 @@ def train_sae_for_model(
     """
     if embeddings is None:
         embeddings = sae_training_embeddings(model, dataset, eval_transform, model_args, output_dir=output_dir,
-                                             skip_corrupt_images=skip_corrupt_images, device=device)
+                                             skip_corrupt_images=skip_corrupt_images, device=device, seed=seed)
     d_in = embeddings.shape[1]
     config = SAEConfig(
         d_in=d_in,
@@ -360,7 +362,8 @@ def run_saeft(
                 embeddings = sae_training_embeddings(
                     model, train_dataset, eval_transform, model_args, output_dir=output_dir,
                     skip_corrupt_images=skip_corrupt_images, device=device, autocast_dtype=autocast,
-                    num_workers=training_args.dataloader_num_workers, distributed=distributed)
+                    num_workers=training_args.dataloader_num_workers, distributed=distributed,
+                    seed=training_args.seed)
             # Several processes: the main process trains and saves the SAE (minutes on the accelerator) while the
             # others wait, then they load that file, so every rank regularises with the same SAE and only one
             # process writes it. (One per node with save_on_each_node, i.e. when the nodes share no file system.)

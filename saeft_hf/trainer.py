@@ -17,6 +17,7 @@ import shutil
 from collections import defaultdict
 from typing import Any
 
+import datasets
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -118,6 +119,9 @@ class SAEFTTrainer(Trainer):
                     name: p.detach().clone() for name, p in model.named_parameters() if p.requires_grad
                 }
         kwargs.setdefault("compute_metrics", compute_accuracy)
+        self._stream_steps_per_epoch: int | None = None
+        if isinstance(kwargs.get("train_dataset"), datasets.IterableDataset):
+            kwargs["train_dataset"] = self._prepare_stream(kwargs["train_dataset"], args)
         super().__init__(model=model, args=args, **kwargs)
         device = self.args.device
         for module in (self.sae, self.ref_model):
@@ -128,6 +132,65 @@ class SAEFTTrainer(Trainer):
         self._metrics: dict[str, dict[str, list[torch.Tensor]]] = {"train": defaultdict(list), "eval": defaultdict(list)}
         self._eval_prefix = "eval"
         self._nonfinite = torch.zeros((), dtype=torch.bool, device=device)
+
+    def _prepare_stream(self, stream: datasets.IterableDataset, args: SAEFTConfig) -> datasets.IterableDataset:
+        """Streaming train set: every rank reads its own shards, and with `num_train_examples` epochs have a length.
+
+        Accelerate's default for an IterableDataset is to read it on rank 0 and dispatch slices to the others, so one
+        host's workers decode for every GPU. `dispatch_batches=False` makes it shard the stream by rank
+        (`IterableDataset.shard`), and DataLoader workers split each rank's shards further.
+
+        With `num_train_examples`, an epoch is `stream_steps_per_epoch()` optimizer steps: the Trainer then numbers
+        epochs right, calls `set_epoch` (a seeded reshuffle) at each, and on resume skips to the exact batch of the
+        exact epoch. The stream is repeated without end so that every rank has that many batches even when its shards
+        hold slightly fewer examples than an even split (a rank short of data starts its pass over, like the padding
+        of a DistributedSampler); the Trainer stops each epoch after its steps.
+        """
+        if args.accelerator_config.dispatch_batches is None:
+            args.accelerator_config.dispatch_batches = False
+        readers = args.world_size * max(1, args.dataloader_num_workers)
+        if not args.accelerator_config.dispatch_batches and stream.num_shards < readers and args.process_index == 0:
+            logger.warning(
+                "The training stream has %d shard(s) for %d process(es) x %d dataloader worker(s): %s Use more shards "
+                "(more webdataset tars / parquet files; for a map-style dataset Dataset.to_iterable_dataset(num_shards="
+                "...)) or fewer dataloader workers.",
+                stream.num_shards, args.world_size, max(1, args.dataloader_num_workers),
+                "every process reads the whole stream and keeps its share of the batches (the decoding is repeated "
+                "on each process)." if stream.num_shards < args.world_size
+                else "some dataloader workers have no shard and stay idle.",
+            )
+        if args.num_train_examples is None:
+            if args.max_steps <= 0:
+                raise ValueError(
+                    "A streaming training set has no length: set num_train_examples (the examples in one pass, "
+                    "e.g. 1281167 for ImageNet-1k) to train for num_train_epochs, or set max_steps."
+                )
+            return stream
+        self._stream_steps_per_epoch = args.stream_steps_per_epoch()
+        # The Trainer wants max_steps for a dataset without __len__; it is now derived from the epochs.
+        args.max_steps = args.stream_max_steps()
+        return stream.repeat(None)
+
+    def set_initial_training_values(self, args: Any, dataloader: Any) -> tuple[int, int, int, int, int, int | None, int]:
+        """The Trainer's epoch/step bookkeeping, plus epochs of known length for a stream with `num_train_examples`."""
+        if self._stream_steps_per_epoch is None:
+            values = super().set_initial_training_values(args, dataloader)
+        else:
+            steps_per_epoch = self._stream_steps_per_epoch
+            total_batch = self.get_total_train_batch_size(args)
+            max_steps = args.max_steps
+            values = (math.ceil(max_steps / steps_per_epoch), steps_per_epoch, args.num_train_examples,
+                      max_steps * total_batch, total_batch, steps_per_epoch * args.gradient_accumulation_steps,
+                      max_steps)
+        if self.is_world_process_zero():
+            num_epochs, steps_per_epoch, _, _, total_batch, _, max_steps = values
+            logger.info(
+                "Training plan: global batch %d = %d per device x %d process(es) x %d accumulation step(s); "
+                "%d optimizer steps per epoch; %d total steps (%s epochs).",
+                total_batch, self._train_batch_size, args.world_size, args.gradient_accumulation_steps,
+                steps_per_epoch, max_steps, f"{max_steps / steps_per_epoch:g}",
+            )
+        return values
 
     @staticmethod
     def _load_sae(sae: SparseAutoencoder | None, args: SAEFTConfig, base: SAEFTCLIPForImageClassification) -> SparseAutoencoder:
@@ -188,7 +251,8 @@ class SAEFTTrainer(Trainer):
         if args.regularization_active:
             z = outputs.representation
             if args.regularizer == "l2sp":
-                reg = l2sp_penalty(model.named_parameters(), self._l2sp_reference)
+                # The reference is keyed by the unwrapped model's names (no DDP `module.` prefix).
+                reg = l2sp_penalty(self.accelerator.unwrap_model(model).named_parameters(), self._l2sp_reference)
             else:
                 if args.reference_mode == "cached" and cached_z0 is not None:
                     z0 = cached_z0.to(z.device)

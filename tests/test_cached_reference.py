@@ -63,12 +63,24 @@ def test_z0_column_is_the_pretrained_representation_and_reaches_the_batch(setup)
 
 @pytest.mark.parametrize("lora", [False, True], ids=["full", "lora"])
 def test_cached_step_gives_the_live_loss_without_augmentation(setup, tmp_path, lora):
+    """Given the z0 the live reference computes, the cached path yields the live run exactly; and the cached column
+    holds that z0 up to float32 kernel rounding.
+
+    Why not one tolerance on the losses of a live run against a run on `add_reference_embeddings`' column: the
+    column is computed in other batch shapes than the training batches, and CPU kernels (and their blocking, which
+    depends on the batch shape and the CPU: AVX2 vs AVX-512, Intel vs AMD) round differently, ~1e-7 relative. Step 1
+    sits exactly at z == z0, on the kink of the remove term relu(s0 - s): those rounding differences pick another
+    subgradient there, and Adam's first update (about lr * sign(g) per weight) turns that into O(lr) weight changes.
+    Measured: perturbing z0 by 1e-7 relative moves the step-2 loss by 1.4e-4 relative and weights by 2e-3 (2 lr);
+    an AMD EPYC machine gave 2.8e-4. No bound on that is both sound and tight, so the two claims are tested apart:
+    the column against the live z0 (rounding only: atol 1e-5 for |z0| ~ 4), and the trainer's cached path against
+    its live path on identical z0 numbers (exact: the same floats through the same computation).
+    """
     model, sae, ds, eval_transform = setup
     with_z0 = add_reference_embeddings(ds, model, eval_transform, progress=False)
-    # Deterministic transform for training too: the live reference then sees exactly the cached images.
-    train = with_image_transform(with_z0, eval_transform)
-    logs, states = {}, {}
-    for mode in ("live", "cached"):
+    pixels = torch.stack([eval_transform(im) for im in ds["image"]])
+
+    def trained(mode, train):
         m = copy.deepcopy(model)
         if lora:
             torch.manual_seed(0)  # the same adapter init for both modes
@@ -78,15 +90,36 @@ def test_cached_step_gives_the_live_loss_without_augmentation(setup, tmp_path, l
                                sae=copy.deepcopy(sae), train_dataset=train,
                                data_collator=ImageClassificationCollator(num_labels=4))
         assert (trainer.ref_model is None) == (mode == "cached" or lora)  # cached full FT keeps no frozen copy
-        trainer.train()
-        logs[mode] = [e for e in trainer.state.log_history if "loss" in e]
-        states[mode] = {k: v.detach().clone() for k, v in trainer.model.state_dict().items()}
+        return trainer
+
+    # Deterministic transform for training too: the live reference then sees exactly the images of the column.
+    live = trained("live", with_image_transform(with_z0, eval_transform))
+    seen: dict[int, torch.Tensor] = {}
+    reference = live.reference_representation
+
+    def recording(m, pixel_values):
+        z0 = reference(m, pixel_values)
+        for px, row in zip(pixel_values, z0):
+            seen[next(i for i in range(len(pixels)) if torch.equal(pixels[i], px))] = row.detach().clone()
+        return z0
+
+    live.reference_representation = recording
+    live.train()
+    assert sorted(seen) == list(range(len(ds)))  # 2 steps x 6 images: every image once
+    live_z0 = torch.stack([seen[i] for i in range(len(ds))])
+    torch.testing.assert_close(torch.tensor(np.asarray(with_z0["z0"], dtype=np.float32)), live_z0,
+                               atol=1e-5, rtol=1e-5)
+
+    same_z0 = ds.add_column("z0", live_z0.tolist(), feature=datasets.Sequence(datasets.Value("float32")))
+    cached = trained("cached", with_image_transform(same_z0, eval_transform))
+    cached.train()
+    logs = {name: [e for e in t.state.log_history if "loss" in e] for name, t in (("live", live), ("cached", cached))}
     assert len(logs["live"]) == 2 and logs["live"][1]["penalty"] > 0
-    for live, cached in zip(logs["live"], logs["cached"]):
-        for key in ("loss", "ce", "penalty", "add", "remove", "residual"):
-            assert cached[key] == pytest.approx(live[key], rel=1e-4, abs=1e-7), key
-    for name, tensor in states["live"].items():  # and the same update
-        torch.testing.assert_close(states["cached"][name], tensor, atol=1e-5, rtol=1e-4)
+    for a, b in zip(logs["live"], logs["cached"]):
+        assert {k: b[k] for k in ("loss", "ce", "penalty", "add", "remove", "residual", "grad_norm")} == \
+            {k: a[k] for k in ("loss", "ce", "penalty", "add", "remove", "residual", "grad_norm")}
+    for name, tensor in live.model.state_dict().items():  # and the same update
+        assert torch.equal(cached.model.state_dict()[name], tensor), name
 
 
 def test_live_mode_ignores_a_z0_column_and_cached_mode_needs_one(setup, tmp_path):
