@@ -63,6 +63,10 @@ WORKER = textwrap.dedent("""
                                      distributed=True, progress=False)
     key[0] = "reference_images"
     z0 = add_reference_embeddings(ds, model, tf, batch_size=4, distributed=True, progress=False)["z0"]
+    key[0] = "stream_images"
+    seen["stream_images"] = 0
+    stream = with_image_transform(ds.to_iterable_dataset(num_shards=2), tf)  # one shard per rank
+    stream_emb = compute_embeddings(model, stream, batch_size=4, distributed=True, progress=False)
     clip = CLIPModel.from_pretrained(clip_dir)
     tok = AutoTokenizer.from_pretrained(clip_dir)
     clip.text_model.register_forward_hook(lambda m, a, kw, o: seen.__setitem__("texts", seen["texts"] + kw["input_ids"].shape[0]), with_kwargs=True)
@@ -72,7 +76,8 @@ WORKER = textwrap.dedent("""
     with open(os.path.join(out, f"seen{rank}.json"), "w") as fh:
         json.dump(seen, fh)
     if rank == 0:
-        save_file({"emb": emb, "labels": labels, "z0": torch.as_tensor(z0), "text": text, "lonely": lonely},
+        save_file({"emb": emb, "labels": labels, "z0": torch.as_tensor(z0), "text": text, "lonely": lonely,
+                   "stream_emb": stream_emb},
                   os.path.join(out, "rank0.safetensors"))
     dist.barrier()
     dist.destroy_process_group()
@@ -124,6 +129,7 @@ def test_two_processes_encode_half_each_and_gather_the_one_process_result(worksp
     seen = [json.loads((out / f"seen{r}.json").read_text()) for r in (0, 1)]
     assert [s["images"] for s in seen] == [13, 12]
     assert [s["reference_images"] for s in seen] == [13, 12]
+    assert [s["stream_images"] for s in seen] == [13, 12]  # a stream: whole shards per rank, no row read twice
     assert [s["texts"] for s in seen] == [3 * len(TEMPLATES), 2 * len(TEMPLATES)]
 
     # The same rows, in the same order, as one process. Not bitwise: the 1-process pass batches rows 12-15 together
@@ -141,6 +147,8 @@ def test_two_processes_encode_half_each_and_gather_the_one_process_result(worksp
     ref_z0 = torch.as_tensor(add_reference_embeddings(ds, model, tf, batch_size=4, progress=False)["z0"])
     torch.testing.assert_close(got["z0"], ref_z0, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(got["emb"], got["z0"], atol=1e-5, rtol=1e-5)  # both passes: same images, same order
+    # A stream gathers rank-major: here rank 0 holds shard 0 (rows 0-12) and rank 1 shard 1, i.e. the stream's order.
+    torch.testing.assert_close(got["stream_emb"], ref, atol=1e-5, rtol=1e-5)
 
     from transformers import AutoTokenizer, CLIPModel
 
