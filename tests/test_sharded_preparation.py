@@ -296,3 +296,17 @@ def test_train_sae_recipe_under_torchrun_matches_one_process(workspace):
     w1, w2 = load_file(tmp / "sae1" / "model.safetensors"), load_file(tmp / "sae2" / "model.safetensors")
     for name in w1:
         torch.testing.assert_close(w2[name], w1[name], atol=1e-4, rtol=1e-3)
+
+
+def test_stream_fingerprint_tells_sources_shuffles_and_counts_apart(workspace):
+    from saeft_hf.cache import dataset_fingerprint
+
+    tmp, _ = workspace
+    ds = datasets.load_from_disk(str(tmp / "data"))
+    other = image_dataset(N_IMAGES, seed=5)
+
+    def fp(data, seed=0, n=10):
+        return dataset_fingerprint(data.to_iterable_dataset(num_shards=2).shuffle(seed=seed, buffer_size=8).take(n))
+
+    assert fp(ds) == fp(ds)  # same inputs: same key, so a resume reuses the cache
+    assert len({fp(ds), fp(other), fp(ds, seed=1), fp(ds, n=11)}) == 4
