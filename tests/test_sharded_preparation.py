@@ -271,31 +271,39 @@ def test_push_never_uploads_caches(tmp_path):
 
 
 def test_train_sae_recipe_under_torchrun_matches_one_process(workspace):
-    """recipes/train_sae.py: 2 ranks embed 11 + 10 images, rank 0 trains and saves the SAE, rank 1 exits cleanly."""
+    """recipes/train_sae.py under torchrun: 2 ranks embed 11 + 10 images, rank 0 trains and saves the SAE, rank 1
+    exits cleanly; embeddings and SAE match the same steps run in this (single) process."""
     tmp, clip = workspace
     from helpers import make_image_folder
+    from saeft_hf.data import load_image_dataset
+    from saeft_hf.modeling import SAEFTCLIPForImageClassification
+    from saeft_hf.pipeline import train_sae_for_model
 
     make_image_folder(tmp / "folder", per_class=7, names=["a", "b", "c"])  # 21 images: uneven shards
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TQDM_DISABLE": "1", "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    flags = ["--sae_epochs", "3", "--sae_batch_size", "8", "--sae_k", "4", "--embedding_batch_size", "4"]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
+           str(ROOT / "recipes" / "train_sae.py"), "--model_name_or_path", str(clip), "--train_dir",
+           str(tmp / "folder"), "--output_dir", str(tmp / "sae2"), "--dataloader_num_workers", "0", "--use_cpu", *flags]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-4000:]
 
-    def run(out: Path, *prefix: str) -> None:
-        cmd = [*prefix, str(ROOT / "recipes" / "train_sae.py"), "--model_name_or_path", str(clip), "--train_dir",
-               str(tmp / "folder"), "--output_dir", str(out), "--sae_epochs", "3", "--sae_batch_size", "8",
-               "--sae_k", "4", "--embedding_batch_size", "4", "--dataloader_num_workers", "0", "--use_cpu"]
-        proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
-        assert proc.returncode == 0, proc.stderr[-4000:]
+    # The same steps on one process, in process.
+    margs = ModelArguments(model_name_or_path=str(clip), sae_epochs=3, sae_batch_size=8, sae_k=4,
+                           embedding_batch_size=4)
+    dataset = load_image_dataset(train_dir=str(tmp / "folder"), split="train")
+    model = SAEFTCLIPForImageClassification.from_pretrained(str(clip), num_labels=1, source_model=str(clip))
+    _, tf = transforms_from_pretrained(str(clip))
+    one = sae_training_embeddings(model, dataset, tf, margs, output_dir=str(tmp / "sae1"))
+    sae = train_sae_for_model(model, dataset, tf, margs, seed=0, embeddings=one, device="cpu")
 
-    run(tmp / "sae1", sys.executable)
-    run(tmp / "sae2", sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-        str(free_port()))
-    one = load_file(tmp / "sae1" / "cache" / "sae_embeddings.safetensors")
     two = load_file(tmp / "sae2" / "cache" / "sae_embeddings.safetensors")
-    assert one["embeddings"].shape == (21, 16) and torch.equal(one["labels"], two["labels"])
-    torch.testing.assert_close(two["embeddings"], one["embeddings"], atol=1e-5, rtol=1e-5)  # batch-shape rounding
+    assert one.shape == (21, 16)
+    torch.testing.assert_close(two["embeddings"], one, atol=1e-5, rtol=1e-5)  # batch-shape rounding only
     # The SAE: same data in the same order and seed; rounding-level input differences stay small after 3 epochs.
-    w1, w2 = load_file(tmp / "sae1" / "model.safetensors"), load_file(tmp / "sae2" / "model.safetensors")
-    for name in w1:
-        torch.testing.assert_close(w2[name], w1[name], atol=1e-4, rtol=1e-3)
+    w2 = load_file(tmp / "sae2" / "model.safetensors")
+    for name, value in sae.state_dict().items():
+        torch.testing.assert_close(w2[name], value, atol=1e-4, rtol=1e-3)
 
 
 def test_stream_fingerprint_tells_sources_shuffles_and_counts_apart(workspace):
