@@ -11,6 +11,7 @@ rebuilt; unreadable (truncated, not safetensors), logged and rebuilt. A stale ca
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -161,13 +162,23 @@ def embedding_cache_key(
 
 
 def save_cached_tensors(path: str | os.PathLike[str], tensors: Mapping[str, torch.Tensor], key: CacheKey) -> None:
-    """Write `tensors` with `key` in the metadata, atomically (a temporary file renamed into place)."""
+    """Write `tensors` with `key` in the metadata, atomically (a temporary file renamed into place).
+
+    A cache is an optimisation: when it cannot be written (disk full, read-only folder) the failure is logged and
+    the run goes on with the tensors it has; no partial file is left behind.
+    """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")  # unique per writer: no two processes share a tmp file
     meta = {_META_KEY: json.dumps(dict(key), sort_keys=True, default=str)}
-    save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp), metadata=meta)
-    os.replace(tmp, path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp), metadata=meta)
+        os.replace(tmp, path)
+    except OSError as err:
+        with contextlib.suppress(OSError):
+            tmp.unlink(missing_ok=True)
+        logger.warning("Could not write the cache %s (%s: %s); continuing without it (the next run recomputes it).",
+                       path, type(err).__name__, err)
 
 
 def load_cached_tensors(path: str | os.PathLike[str], key: CacheKey, *,

@@ -318,3 +318,11 @@ def test_stream_fingerprint_tells_sources_shuffles_and_counts_apart(workspace):
 
     assert fp(ds) == fp(ds)  # same inputs: same key, so a resume reuses the cache
     assert len({fp(ds), fp(other), fp(ds, seed=1), fp(ds, n=11)}) == 4
+
+
+def test_a_cache_that_cannot_be_written_does_not_stop_the_run(tmp_path, caplog):
+    blocked = tmp_path / "file"
+    blocked.write_text("not a folder")  # the cache's parent folder cannot be created: as on a read-only disk
+    with caplog.at_level(logging.WARNING, logger="saeft_hf.cache"):
+        save_cached_tensors(blocked / "cache" / "x.safetensors", {"x": torch.ones(2)}, {"k": 1})
+    assert "Could not write the cache" in caplog.text and blocked.read_text() == "not a folder"
