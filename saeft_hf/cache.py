@@ -11,6 +11,7 @@ rebuilt; unreadable (truncated, not safetensors), logged and rebuilt. A stale ca
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -84,8 +85,9 @@ def dataset_fingerprint(dataset: Any) -> str | None:
     """What identifies the rows of `dataset`, or None when nothing does (then do not cache).
 
     A map-style `datasets.Dataset`: its `_fingerprint` (changes with the data files, `select`, `map`, ...). A
-    `torch.utils.data.Subset`: its dataset's fingerprint and the indices. A stream: its builder, config, shards and
-    data files (best effort: a stream has no content fingerprint; the sample count is keyed separately).
+    `torch.utils.data.Subset`: its dataset's fingerprint and the indices. A stream: its builder, config, and the
+    chain of its example iterables (data files or URLs, shuffle seed and buffer, `take` / `skip` counts). Best effort:
+    a stream has no content fingerprint, so a file rewritten in place under the same name is not noticed.
     """
     if isinstance(dataset, datasets.Dataset):
         return dataset._fingerprint
@@ -94,10 +96,29 @@ def dataset_fingerprint(dataset: Any) -> str | None:
         return None if inner is None else _digest(inner, list(dataset.indices))
     if isinstance(dataset, datasets.IterableDataset):
         info = dataset.info
-        source = getattr(getattr(dataset, "_ex_iterable", None), "kwargs", None)  # data files, when file-based
-        return _digest("stream", info.builder_name, info.config_name, info.version, dataset.num_shards,
-                       json.dumps(source, sort_keys=True, default=str))
+        return _digest("stream", info.builder_name, info.config_name, info.version,
+                       json.dumps(_describe_examples_iterable(getattr(dataset, "_ex_iterable", None)), default=str))
     return None
+
+
+def _describe_examples_iterable(it: Any, depth: int = 0) -> Any:
+    """A JSON-able description of a stream's example-iterable chain (datasets internals, read defensively)."""
+    if it is None or depth > 50:
+        return None
+    simple = {k: v for k, v in vars(it).items()
+              if isinstance(v, (int, float, str, bool, type(None))) and not k.startswith("_")}
+    generator = getattr(it, "generator", None)
+    if generator is not None and hasattr(generator, "bit_generator"):
+        simple["rng"] = generator.bit_generator.state  # the shuffle seed, as a state
+    kwargs = getattr(it, "kwargs", None)
+    if kwargs is not None:
+        # Data files / URLs; in-memory shards (`to_iterable_dataset`) by their fingerprint; anything else by its str
+        # (an object address then changes every run: never reused, never stale).
+        simple["source"] = _digest(json.dumps(kwargs, sort_keys=True,
+                                              default=lambda o: getattr(o, "_fingerprint", None) or str(o)))
+    children = [getattr(it, "ex_iterable", None), *(getattr(it, "ex_iterables", None) or [])]
+    return {"type": type(it).__name__, **simple,
+            "children": [_describe_examples_iterable(c, depth + 1) for c in children if c is not None]}
 
 
 def embedding_cache_key(
@@ -141,13 +162,23 @@ def embedding_cache_key(
 
 
 def save_cached_tensors(path: str | os.PathLike[str], tensors: Mapping[str, torch.Tensor], key: CacheKey) -> None:
-    """Write `tensors` with `key` in the metadata, atomically (a temporary file renamed into place)."""
+    """Write `tensors` with `key` in the metadata, atomically (a temporary file renamed into place).
+
+    A cache is an optimisation: when it cannot be written (disk full, read-only folder) the failure is logged and
+    the run goes on with the tensors it has; no partial file is left behind.
+    """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")  # unique per writer: no two processes share a tmp file
     meta = {_META_KEY: json.dumps(dict(key), sort_keys=True, default=str)}
-    save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp), metadata=meta)
-    os.replace(tmp, path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp), metadata=meta)
+        os.replace(tmp, path)
+    except OSError as err:
+        with contextlib.suppress(OSError):
+            tmp.unlink(missing_ok=True)
+        logger.warning("Could not write the cache %s (%s: %s); continuing without it (the next run recomputes it).",
+                       path, type(err).__name__, err)
 
 
 def load_cached_tensors(path: str | os.PathLike[str], key: CacheKey, *,

@@ -76,7 +76,7 @@ def shard_dataset(dataset: Any, rank: int | None = None, world_size: int | None 
     if not hasattr(dataset, "__len__"):
         raise TypeError(f"Cannot shard a {type(dataset).__name__} over processes: it has no length. Pass a map-style "
                         "dataset or a datasets.IterableDataset.")
-    return Subset(dataset, list(shard_range(len(dataset), rank, world_size)))
+    return Subset(dataset, shard_range(len(dataset), rank, world_size))  # a range: no index list held
 
 
 def _collective_device() -> torch.device:

@@ -93,7 +93,8 @@ def compute_embeddings(
     was_training = model.training
     model.eval().to(device)
     show = progress and (not distributed or is_main_process())
-    loader = DataLoader(local, batch_size=batch_size, collate_fn=ImageClassificationCollator(), num_workers=num_workers)
+    loader = DataLoader(local, batch_size=batch_size, collate_fn=ImageClassificationCollator(), num_workers=num_workers,
+                        pin_memory=device.type == "cuda")
     n_local = len(local) if hasattr(local, "__len__") and not isinstance(local, datasets.IterableDataset) else None
     chunks, labels = [], []
     try:
@@ -229,7 +230,8 @@ def _reference_embeddings(dataset: datasets.Dataset, model: nn.Module, transform
                                   skip_corrupt_images=skip_corrupt_images)
     # Every row (NaN for a corrupt image) keeps its place, so the ranks' contiguous blocks concatenate in order.
     local = shard_dataset(images) if distributed else images
-    loader = DataLoader(local, batch_size=batch_size, num_workers=num_workers, collate_fn=_pixels_with_gaps)
+    loader = DataLoader(local, batch_size=batch_size, num_workers=num_workers, collate_fn=_pixels_with_gaps,
+                        pin_memory=device.type == "cuda")
     rows: list[torch.Tensor] = []
     for pixel_values, present in tqdm(loader, total=-(-len(local) // batch_size), desc="reference embeddings",
                                       disable=not progress or (distributed and not is_main_process()), unit="batch"):

@@ -330,8 +330,10 @@ def run_saeft(
     (`saeft_hf.run_dir`), and when a map-style train or eval set is empty (or, with `dataloader_drop_last`,
     smaller than one step). With `push_to_hub`, the upload happens here, once, at the end: the Trainer's own
     `push_to_hub` is turned off and `hub_token` is taken out of `training_args` (so no `training_args.bin` holds
-    it). Several processes: only the main process trains and saves the SAE (the others load it) and writes the
-    results and the card, and pushes.
+    it). Several processes: every rank takes its share of the zero-shot head, the linear-probe features, the SAE's
+    embedding pass and the cached reference (on `training_args.device`, in the run's precision; caches in
+    `output_dir/cache/`); only the main process trains and saves the SAE (the others load it), writes the results
+    and the card, and pushes.
     """
     start = time.time()
     output_dir = training_args.output_dir

@@ -63,6 +63,10 @@ WORKER = textwrap.dedent("""
                                      distributed=True, progress=False)
     key[0] = "reference_images"
     z0 = add_reference_embeddings(ds, model, tf, batch_size=4, distributed=True, progress=False)["z0"]
+    key[0] = "stream_images"
+    seen["stream_images"] = 0
+    stream = with_image_transform(ds.to_iterable_dataset(num_shards=2), tf)  # one shard per rank
+    stream_emb = compute_embeddings(model, stream, batch_size=4, distributed=True, progress=False)
     clip = CLIPModel.from_pretrained(clip_dir)
     tok = AutoTokenizer.from_pretrained(clip_dir)
     clip.text_model.register_forward_hook(lambda m, a, kw, o: seen.__setitem__("texts", seen["texts"] + kw["input_ids"].shape[0]), with_kwargs=True)
@@ -72,7 +76,8 @@ WORKER = textwrap.dedent("""
     with open(os.path.join(out, f"seen{rank}.json"), "w") as fh:
         json.dump(seen, fh)
     if rank == 0:
-        save_file({"emb": emb, "labels": labels, "z0": torch.as_tensor(z0), "text": text, "lonely": lonely},
+        save_file({"emb": emb, "labels": labels, "z0": torch.as_tensor(z0), "text": text, "lonely": lonely,
+                   "stream_emb": stream_emb},
                   os.path.join(out, "rank0.safetensors"))
     dist.barrier()
     dist.destroy_process_group()
@@ -124,6 +129,7 @@ def test_two_processes_encode_half_each_and_gather_the_one_process_result(worksp
     seen = [json.loads((out / f"seen{r}.json").read_text()) for r in (0, 1)]
     assert [s["images"] for s in seen] == [13, 12]
     assert [s["reference_images"] for s in seen] == [13, 12]
+    assert [s["stream_images"] for s in seen] == [13, 12]  # a stream: whole shards per rank, no row read twice
     assert [s["texts"] for s in seen] == [3 * len(TEMPLATES), 2 * len(TEMPLATES)]
 
     # The same rows, in the same order, as one process. Not bitwise: the 1-process pass batches rows 12-15 together
@@ -141,6 +147,8 @@ def test_two_processes_encode_half_each_and_gather_the_one_process_result(worksp
     ref_z0 = torch.as_tensor(add_reference_embeddings(ds, model, tf, batch_size=4, progress=False)["z0"])
     torch.testing.assert_close(got["z0"], ref_z0, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(got["emb"], got["z0"], atol=1e-5, rtol=1e-5)  # both passes: same images, same order
+    # A stream gathers rank-major: here rank 0 holds shard 0 (rows 0-12) and rank 1 shard 1, i.e. the stream's order.
+    torch.testing.assert_close(got["stream_emb"], ref, atol=1e-5, rtol=1e-5)
 
     from transformers import AutoTokenizer, CLIPModel
 
@@ -263,28 +271,58 @@ def test_push_never_uploads_caches(tmp_path):
 
 
 def test_train_sae_recipe_under_torchrun_matches_one_process(workspace):
-    """recipes/train_sae.py: 2 ranks embed 11 + 10 images, rank 0 trains and saves the SAE, rank 1 exits cleanly."""
+    """recipes/train_sae.py under torchrun: 2 ranks embed 11 + 10 images, rank 0 trains and saves the SAE, rank 1
+    exits cleanly; embeddings and SAE match the same steps run in this (single) process."""
     tmp, clip = workspace
     from helpers import make_image_folder
+    from saeft_hf.data import load_image_dataset
+    from saeft_hf.modeling import SAEFTCLIPForImageClassification
+    from saeft_hf.pipeline import train_sae_for_model
 
     make_image_folder(tmp / "folder", per_class=7, names=["a", "b", "c"])  # 21 images: uneven shards
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TQDM_DISABLE": "1", "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    flags = ["--sae_epochs", "3", "--sae_batch_size", "8", "--sae_k", "4", "--embedding_batch_size", "4"]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
+           str(ROOT / "recipes" / "train_sae.py"), "--model_name_or_path", str(clip), "--train_dir",
+           str(tmp / "folder"), "--output_dir", str(tmp / "sae2"), "--dataloader_num_workers", "0", "--use_cpu", *flags]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-4000:]
 
-    def run(out: Path, *prefix: str) -> None:
-        cmd = [*prefix, str(ROOT / "recipes" / "train_sae.py"), "--model_name_or_path", str(clip), "--train_dir",
-               str(tmp / "folder"), "--output_dir", str(out), "--sae_epochs", "3", "--sae_batch_size", "8",
-               "--sae_k", "4", "--embedding_batch_size", "4", "--dataloader_num_workers", "0", "--use_cpu"]
-        proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
-        assert proc.returncode == 0, proc.stderr[-4000:]
+    # The same steps on one process, in process.
+    margs = ModelArguments(model_name_or_path=str(clip), sae_epochs=3, sae_batch_size=8, sae_k=4,
+                           embedding_batch_size=4)
+    dataset = load_image_dataset(train_dir=str(tmp / "folder"), split="train")
+    model = SAEFTCLIPForImageClassification.from_pretrained(str(clip), num_labels=1, source_model=str(clip))
+    _, tf = transforms_from_pretrained(str(clip))
+    one = sae_training_embeddings(model, dataset, tf, margs, output_dir=str(tmp / "sae1"))
+    sae = train_sae_for_model(model, dataset, tf, margs, seed=0, embeddings=one, device="cpu")
 
-    run(tmp / "sae1", sys.executable)
-    run(tmp / "sae2", sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-        str(free_port()))
-    one = load_file(tmp / "sae1" / "cache" / "sae_embeddings.safetensors")
     two = load_file(tmp / "sae2" / "cache" / "sae_embeddings.safetensors")
-    assert one["embeddings"].shape == (21, 16) and torch.equal(one["labels"], two["labels"])
-    torch.testing.assert_close(two["embeddings"], one["embeddings"], atol=1e-5, rtol=1e-5)  # batch-shape rounding
+    assert one.shape == (21, 16)
+    torch.testing.assert_close(two["embeddings"], one, atol=1e-5, rtol=1e-5)  # batch-shape rounding only
     # The SAE: same data in the same order and seed; rounding-level input differences stay small after 3 epochs.
-    w1, w2 = load_file(tmp / "sae1" / "model.safetensors"), load_file(tmp / "sae2" / "model.safetensors")
-    for name in w1:
-        torch.testing.assert_close(w2[name], w1[name], atol=1e-4, rtol=1e-3)
+    w2 = load_file(tmp / "sae2" / "model.safetensors")
+    for name, value in sae.state_dict().items():
+        torch.testing.assert_close(w2[name], value, atol=1e-4, rtol=1e-3)
+
+
+def test_stream_fingerprint_tells_sources_shuffles_and_counts_apart(workspace):
+    from saeft_hf.cache import dataset_fingerprint
+
+    tmp, _ = workspace
+    ds = datasets.load_from_disk(str(tmp / "data"))
+    other = image_dataset(N_IMAGES, seed=5)
+
+    def fp(data, seed=0, n=10):
+        return dataset_fingerprint(data.to_iterable_dataset(num_shards=2).shuffle(seed=seed, buffer_size=8).take(n))
+
+    assert fp(ds) == fp(ds)  # same inputs: same key, so a resume reuses the cache
+    assert len({fp(ds), fp(other), fp(ds, seed=1), fp(ds, n=11)}) == 4
+
+
+def test_a_cache_that_cannot_be_written_does_not_stop_the_run(tmp_path, caplog):
+    blocked = tmp_path / "file"
+    blocked.write_text("not a folder")  # the cache's parent folder cannot be created: as on a read-only disk
+    with caplog.at_level(logging.WARNING, logger="saeft_hf.cache"):
+        save_cached_tensors(blocked / "cache" / "x.safetensors", {"x": torch.ones(2)}, {"k": 1})
+    assert "Could not write the cache" in caplog.text and blocked.read_text() == "not a folder"
