@@ -40,27 +40,33 @@ def is_main_process() -> bool:
     return rank_and_world_size()[0] == 0
 
 
-def shard_range(n: int, rank: int | None = None, world_size: int | None = None) -> range:
+def shard_range(n: int, rank: int | None = None, world_size: int | None = None, *, unit: int = 1) -> range:
     """The contiguous block of `range(n)` that `rank` of `world_size` processes takes (default: this process).
 
-    The first `n % world_size` ranks take `n // world_size + 1` rows, the others `n // world_size`; the blocks
-    partition `range(n)` in rank order.
+    The rows are dealt in whole `unit`s (the last one may be short): the first `u % world_size` ranks take
+    `u // world_size + 1` units, the others `u // world_size`, where `u = ceil(n / unit)`; the blocks partition
+    `range(n)` in rank order. With `unit` = the batch size of the pass, every rank's batches are exactly the batches a
+    single process would form, so the results do not depend on the number of processes, bit for bit (batch shapes
+    change floating-point kernels' summation order otherwise).
     """
     if rank is None or world_size is None:
         rank, world_size = rank_and_world_size()
     if world_size < 1 or not 0 <= rank < world_size:
         raise ValueError(f"shard_range needs 0 <= rank < world_size, got rank={rank}, world_size={world_size}.")
-    size, extra = divmod(n, world_size)
-    start = rank * size + min(rank, extra)
-    return range(start, start + size + (1 if rank < extra else 0))
+    if unit < 1:
+        raise ValueError(f"shard_range needs unit >= 1, got {unit}.")
+    size, extra = divmod(-(-n // unit), world_size)
+    start = (rank * size + min(rank, extra)) * unit
+    stop = start + (size + (1 if rank < extra else 0)) * unit
+    return range(min(start, n), min(stop, n))
 
 
-def shard_dataset(dataset: Any, rank: int | None = None, world_size: int | None = None) -> Any:
+def shard_dataset(dataset: Any, rank: int | None = None, world_size: int | None = None, *, unit: int = 1) -> Any:
     """This rank's share of `dataset` (default: this process's rank in the initialised group).
 
     Map-style (anything with `__len__` and `__getitem__`, e.g. a `datasets.Dataset` with a transform): a
-    `torch.utils.data.Subset` of the contiguous block `shard_range(len(dataset))`; the transform runs on this rank's
-    rows only, and `Subset` forwards batched `__getitems__` to a `datasets.Dataset`.
+    `torch.utils.data.Subset` of the contiguous block `shard_range(len(dataset), unit=unit)`; the transform runs on
+    this rank's rows only, and `Subset` forwards batched `__getitems__` to a `datasets.Dataset`.
 
     Stream (`datasets.IterableDataset`): `datasets.distributed.split_dataset_by_node`: whole shards per rank when the
     shard count divides by `world_size`, otherwise one example in `world_size` (every rank then reads, but only
@@ -76,7 +82,7 @@ def shard_dataset(dataset: Any, rank: int | None = None, world_size: int | None 
     if not hasattr(dataset, "__len__"):
         raise TypeError(f"Cannot shard a {type(dataset).__name__} over processes: it has no length. Pass a map-style "
                         "dataset or a datasets.IterableDataset.")
-    return Subset(dataset, shard_range(len(dataset), rank, world_size))  # a range: no index list held
+    return Subset(dataset, shard_range(len(dataset), rank, world_size, unit=unit))  # a range: no index list held
 
 
 def _collective_device() -> torch.device:

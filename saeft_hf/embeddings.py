@@ -86,7 +86,8 @@ def compute_embeddings(
         if all_ranks_agree(cached is not None) if distributed else cached is not None:
             return (cached["embeddings"], cached["labels"]) if return_labels else cached["embeddings"]
 
-    local = shard_dataset(dataset) if distributed else dataset
+    # Whole batches per rank: each batch is the one a single process would form, so N ranks give its result exactly.
+    local = shard_dataset(dataset, unit=batch_size) if distributed else dataset
     fn = representation_fn(model)
     home = _model_device(model)
     device = torch.device(device) if device is not None else home
@@ -229,7 +230,7 @@ def _reference_embeddings(dataset: datasets.Dataset, model: nn.Module, transform
     images = with_image_transform(dataset.select_columns(["image"]), transform,
                                   skip_corrupt_images=skip_corrupt_images)
     # Every row (NaN for a corrupt image) keeps its place, so the ranks' contiguous blocks concatenate in order.
-    local = shard_dataset(images) if distributed else images
+    local = shard_dataset(images, unit=batch_size) if distributed else images
     loader = DataLoader(local, batch_size=batch_size, num_workers=num_workers, collate_fn=_pixels_with_gaps,
                         pin_memory=device.type == "cuda")
     rows: list[torch.Tensor] = []

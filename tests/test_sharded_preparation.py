@@ -3,7 +3,7 @@ gathered in order, and cached under `output_dir/cache/` with keys that tell a st
 
 The 2-process runs are real: `torchrun --nproc_per_node 2` with gloo on the CPU, on an odd number of images (25)
 and classes (5), so the shards are uneven. Each rank counts the rows its own forwards saw: a rank must encode only
-its block (13 / 12 images, 3 / 2 classes), and the gathered result must be the 1-process result in the same order.
+its block (whole batches of 4: 16 / 9 images; a 2-shard stream 13 / 12; 3 / 2 classes), and the gathered result must be the 1-process result in the same order.
 """
 
 from __future__ import annotations
@@ -125,16 +125,18 @@ def test_two_processes_encode_half_each_and_gather_the_one_process_result(worksp
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
     assert proc.returncode == 0, proc.stderr[-4000:]
 
-    # Each rank encoded only its own block: 13 + 12 images (twice: SAE-style and reference pass), 3 + 2 classes.
+    # Each rank encoded only its own block of whole batches of 4: 7 batches -> 4 + 3, i.e. 16 + 9 images (twice:
+    # SAE-style and reference pass); 3 + 2 classes.
     seen = [json.loads((out / f"seen{r}.json").read_text()) for r in (0, 1)]
-    assert [s["images"] for s in seen] == [13, 12]
-    assert [s["reference_images"] for s in seen] == [13, 12]
+    assert [s["images"] for s in seen] == [16, 9]
+    assert [s["reference_images"] for s in seen] == [16, 9]
     assert [s["stream_images"] for s in seen] == [13, 12]  # a stream: whole shards per rank, no row read twice
     assert [s["texts"] for s in seen] == [3 * len(TEMPLATES), 2 * len(TEMPLATES)]
 
-    # The same rows, in the same order, as one process. Not bitwise: the 1-process pass batches rows 12-15 together
-    # where the ranks split them (13 = 4+4+4+1), and CPU matmul kernels sum in a batch-shape dependent order;
-    # float32 rounding over a 32-wide tiny CLIP stays far below 1e-5 on embeddings of norm ~1-10.
+    # The same rows, in the same order, as one process, and from the same batches (whole batches per rank). Not
+    # asserted bitwise: the ranks run with one thread (torchrun) and this process with two, and CPU kernels may
+    # split their sums by thread count; float32 rounding over a 32-wide tiny CLIP stays far below 1e-5 on
+    # embeddings of norm ~1-10.
     got = load_file(out / "rank0.safetensors")
     ds = datasets.load_from_disk(str(tmp / "data"))
     _, tf = transforms_from_pretrained(str(clip))
