@@ -503,7 +503,9 @@ class BorderCrop:
     """Decode, remove ``border`` pixels from every side, then apply ``transform``.
 
     ObjectNet images carry a 1-2 px red border; the WiSE-FT protocol crops 2 px before the usual preprocessing.
-    Images too small to crop are passed through unchanged.
+    Images too small to crop are passed through unchanged. Before an eval :class:`CLIPImageTransform` with ``draft``
+    on, a large JPEG (ObjectNet's are 1920x1440 and more) is decoded at a reduced scale ``s`` that divides
+    ``border`` (2 px: ``s`` = 2), and ``border / s`` reduced pixels are removed: exactly the same region.
     """
 
     def __init__(self, transform: Callable[[Any], torch.Tensor], border: int) -> None:
@@ -516,8 +518,19 @@ class BorderCrop:
         return f"BorderCrop({self.transform!r}, border={self.border})"
 
     def __call__(self, image: Any) -> torch.Tensor:
-        img = decode_image(image)
+        inner = self.transform
+        img, _, decoded = _open_image(image)
         b = self.border
+        if decoded is not None:
+            img = decode_image(decoded)
+        else:
+            if isinstance(inner, CLIPImageTransform) and inner.draft and not inner.train:
+                # A scale dividing the border keeps the cropped region exact (a 2 px border at 1/4 scale would
+                # crop 4 px or none: measured 10x the draft's own difference).
+                limit = (min(img.size) - 2 * b) // inner.resize_size
+                scale = _draft(img, min(limit, b & -b) if b else limit)
+                b //= scale
+            img = _load_image(img)
         width, height = img.size
         if b and width > 2 * b and height > 2 * b:
             img = img.crop((b, b, width - b, height - b))
@@ -990,10 +1003,19 @@ def with_image_transform(
     epoch); streaming datasets get ``.map``. Use the Trainer with ``remove_unused_columns=False`` for map-style
     datasets (it would otherwise drop ``image`` before the transform sees it).
 
+    An ``image`` column that ``datasets`` would decode (``Image()``) is first cast to ``Image(decode=False)``:
+    ``transform`` receives ``{"bytes", "path"}`` and decodes it itself (:func:`decode_image`), which lets it key
+    crops on the encoded bytes and decode large JPEGs at reduced scale.
+
     A sample that cannot be decoded raises :class:`CorruptImageError` naming it (path, ``__key__`` or stream index).
     With ``skip_corrupt_images=True`` it is logged and yielded with ``pixel_values=None``;
     :class:`ImageClassificationCollator` drops it and counts it.
     """
+    image_feature = (ds.features or {}).get("image")
+    if isinstance(image_feature, datasets.Image) and image_feature.decode:
+        # Our transforms decode themselves: from the encoded bytes they can key crops cheaply and decode large
+        # JPEGs at reduced scale (draft), which an image datasets already decoded no longer allows.
+        ds = ds.cast_column("image", datasets.Image(decode=False))
     if isinstance(ds, datasets.IterableDataset):
         remove = [c for c in (ds.column_names or []) if c not in ("pixel_values", "labels")]
         return ds.map(_ExampleTransform(transform, skip_corrupt_images), with_indices=True,
