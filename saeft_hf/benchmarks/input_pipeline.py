@@ -86,8 +86,14 @@ class PlainPIL:
             w, h = int(round(math.sqrt(target * aspect))), int(round(math.sqrt(target / aspect)))
             if 0 < w <= width and 0 < h <= height:
                 return self.rng.randint(0, height - h), self.rng.randint(0, width - w), h, w
-        side = min(width, height)
-        return (height - side) // 2, (width - side) // 2, side, side
+        in_ratio = width / height  # torchvision's fallback: the largest central crop within the ratio bounds
+        if in_ratio < self.ratio[0]:
+            w, h = width, int(round(width / self.ratio[0]))
+        elif in_ratio > self.ratio[1]:
+            h, w = height, int(round(height * self.ratio[1]))
+        else:
+            w, h = width, height
+        return (height - h) // 2, (width - w) // 2, h, w
 
     def __call__(self, data: bytes) -> torch.Tensor:
         img = PIL.Image.open(io.BytesIO(data))
