@@ -107,3 +107,96 @@ def test_lora_adapter_records_its_base_and_opens_with_peft(tmp_path: Path) -> No
         other.eval()
         # The same weights and ops: equal up to float reassociation in the loaders' module layout.
         torch.testing.assert_close(other(pixel_values=pixels).logits, expected, rtol=0, atol=1e-6)
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# ImageNet label strings become the curated class names
+# ------------------------------------------------------------------------------------------------------------------
+
+# The first ten labels of ILSVRC/imagenet-1k (WordNet synset strings, in class-index order).
+ILSVRC_HEAD = [
+    "tench, Tinca tinca", "goldfish, Carassius auratus",
+    "great white shark, white shark, man-eater, man-eating shark, Carcharodon carcharias",
+    "tiger shark, Galeocerdo cuvieri", "hammerhead, hammerhead shark", "electric ray, crampfish, numbfish, torpedo",
+    "stingray", "cock", "hen", "ostrich, Struthio camelus",
+]
+
+
+def synset_like(curated: list[str], rng: np.random.Generator) -> list[str]:
+    """Synset-style strings: the real first ten, then for each class its curated name among other lemmas, except
+    for a third of the classes whose synset string does not contain the curated name (like "cock" for "rooster")."""
+    out = list(ILSVRC_HEAD)
+    for i, name in enumerate(curated[len(ILSVRC_HEAD):], start=len(ILSVRC_HEAD)):
+        if rng.random() < 1 / 3:
+            out.append(f"synset {i}, Genus species{i}")
+        else:
+            out.append(f"{name}, Genus species{i}" if rng.random() < 0.5 else f"other name {i}, {name}")
+    return out
+
+
+def recipe_module():
+    import importlib.util
+    import sys
+
+    root = Path(__file__).resolve().parents[1]
+    spec = importlib.util.spec_from_file_location("imagenet_recipe_names", root / "recipes" / "imagenet.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_imagenet_synset_strings_map_to_the_curated_names() -> None:
+    import datasets
+
+    from saeft_hf.imagenet_classes import curated_imagenet_classnames, imagenet_classnames, imagenet_wnids
+
+    curated = imagenet_classnames()
+    synsets = synset_like(curated, np.random.default_rng(0))
+    assert curated_imagenet_classnames(synsets) == curated
+    assert curated_imagenet_classnames(curated) == curated
+    wnids = imagenet_wnids()
+    assert curated_imagenet_classnames([wnids[5], wnids[0]]) == [curated[5], curated[0]]  # a wnid subset, its order
+    # Not ImageNet: another 1000-class list, or ImageNet's names shifted by one position (wrong label order).
+    assert curated_imagenet_classnames([f"class {i}, thing" for i in range(1000)]) is None
+    assert curated_imagenet_classnames(synsets[1:] + synsets[:1]) is None
+    assert curated_imagenet_classnames(["tench, Tinca tinca"]) is None
+
+    recipe = recipe_module()
+    features = datasets.Features({"label": datasets.ClassLabel(names=synsets)})
+    ds = datasets.Dataset.from_dict({"label": [0, 7]}, features=features)
+    names = recipe.classnames_for(ds, recipe.DataArguments())
+    assert names == curated and names[7] == "rooster" and names[0] == "tench"
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Missing backends say how to install them; the card names every default eval set
+# ------------------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.skipif(__import__("importlib.util").util.find_spec("deepspeed") is not None,
+                    reason="deepspeed is installed")
+def test_a_deepspeed_run_without_deepspeed_names_the_install_command(tmp_path: Path) -> None:
+    from saeft_hf.backends import MissingBackendError
+    from saeft_hf.config import SAEFTConfig
+    from saeft_hf.pipeline import parse_args
+
+    ds_config = tmp_path / "ds.json"
+    ds_config.write_text('{"zero_optimization": {"stage": 2}, "train_micro_batch_size_per_gpu": "auto"}')
+    yaml_config = tmp_path / "run.yaml"
+    yaml_config.write_text(f"deepspeed: {ds_config}\n")
+    for argv in (["--output_dir", str(tmp_path), "--deepspeed", str(ds_config)],
+                 ["--output_dir", str(tmp_path), f"--deepspeed={ds_config}"],
+                 ["--config", str(yaml_config), "--output_dir", str(tmp_path)]):
+        with pytest.raises(MissingBackendError, match=r"pip install deepspeed.*multi_gpu\.yaml"):
+            parse_args((SAEFTConfig,), argv)
+    (args,) = parse_args((SAEFTConfig,), ["--output_dir", str(tmp_path)])  # no DeepSpeed asked: no error
+    assert args.deepspeed is None
+
+
+def test_card_pretty_names_cover_the_default_eval_sets() -> None:
+    from saeft_hf.evaluation.specs import DEFAULT_SHIFT_NAMES
+    from saeft_hf.hub import PRETTY_NAMES
+
+    assert {"imagenet", *DEFAULT_SHIFT_NAMES} <= set(PRETTY_NAMES)
+    assert PRETTY_NAMES["imagenetv2"] == "ImageNet-V2"
