@@ -662,8 +662,10 @@ def _infer_builder(files: Any) -> str:
 
 
 def _only_split_files(path: str, config_name: str | None, *, data_dir: str | None, data_files: Any, split: str,
-                      token: str | bool | None, revision: str | None, cache_dir: str | None) -> Any:
-    """The data files of ``split`` alone, so that a non-streaming load prepares that split only.
+                      token: str | bool | None, revision: str | None, cache_dir: str | None) -> tuple[Any, Any]:
+    """The data files of ``split`` alone, so that a non-streaming load prepares that split only; and the source's
+    declared features when its files were resolved here (explicit ``data_files`` would otherwise drop a repo card's
+    features, e.g. class names, for inferred ones).
 
     ``load_dataset(..., split="validation")`` downloads and prepares every split of the source first (the ~140 GB
     train split of an ImageNet webdataset repo, to read its 6 GB validation split). Resolving the source's files
@@ -673,22 +675,22 @@ def _only_split_files(path: str, config_name: str | None, *, data_dir: str | Non
     preparing the other split is a file listing).
     """
     if path == "imagefolder":
-        return data_files
+        return data_files, None
     if isinstance(data_files, Mapping):
-        return {split: data_files[split]} if split in data_files and len(data_files) > 1 else data_files
+        return ({split: data_files[split]} if split in data_files and len(data_files) > 1 else data_files), None
     if data_files is not None:
-        return data_files
+        return data_files, None
     try:
         builder = datasets.load_dataset_builder(path, config_name, data_dir=data_dir, token=token, revision=revision,
                                                 cache_dir=cache_dir)
     except Exception:  # noqa: BLE001 -- the load itself reports any problem with the source, with our hints
-        return None
+        return None, None
     from datasets.packaged_modules.folder_based_builder.folder_based_builder import FolderBasedBuilder
 
     resolved = builder.config.data_files
     if isinstance(builder, FolderBasedBuilder) or not resolved or split not in resolved or len(resolved) < 2:
-        return None
-    return {split: list(resolved[split])}
+        return None, None
+    return {split: list(resolved[split])}, builder.info.features
 
 
 def _column_names(ds: AnyDataset) -> list[str]:
@@ -856,8 +858,11 @@ def load_image_dataset(
         builder_kwargs["drop_labels"] = False
 
     if not streaming:
-        data_files = _only_split_files(path, dataset_config_name, data_dir=data_dir, data_files=data_files, split=base,
-                                       token=token, revision=revision, cache_dir=cache_dir)
+        data_files, split_features = _only_split_files(path, dataset_config_name, data_dir=data_dir,
+                                                       data_files=data_files, split=base, token=token,
+                                                       revision=revision, cache_dir=cache_dir)
+        if split_features is not None:
+            builder_kwargs.setdefault("features", split_features)
     try:
         ds = datasets.load_dataset(path, dataset_config_name, data_dir=data_dir, data_files=data_files, split=split,
                                    streaming=streaming, token=token, revision=revision, cache_dir=cache_dir,

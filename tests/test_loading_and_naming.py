@@ -46,13 +46,19 @@ def wds_repo(tmp_path: Path) -> Path:
     write_shard(root / "validation" / "imagenet1k-validation-0000.tar", 5, seed=1)
     (root / "train").mkdir(parents=True)
     (root / "train" / "imagenet1k-train-0000.tar").write_bytes(b"not a tar: the train split must not be read" * 50)
+    # A dataset card declaring the features, class names included (as Hub repos do).
+    (root / "README.md").write_text(
+        "---\ndataset_info:\n  features:\n  - name: __key__\n    dtype: string\n  - name: __url__\n"
+        "    dtype: string\n  - name: cls\n    dtype:\n      class_label:\n        names:\n          '0': cat\n"
+        "          '1': dog\n  - name: png\n    dtype: image\n---\n")
     return root
 
 
 def test_validation_split_of_a_repo_reads_only_its_files(wds_repo: Path, tmp_path: Path) -> None:
     ds = load_image_dataset(dataset_name=str(wds_repo), split="validation", cache_dir=str(tmp_path / "cache"))
-    assert len(ds) == 5 and ds.column_names[:2] == ["image", "label"]
+    assert len(ds) == 5 and {"image", "label"} <= set(ds.column_names)
     assert ds["label"] == [0, 1, 0, 1, 0]
+    assert ds.features["label"].names == ["cat", "dog"]  # the card's features survive the per-split data_files
 
 
 def test_validation_split_of_data_files_reads_only_its_files(wds_repo: Path, tmp_path: Path) -> None:
