@@ -6,6 +6,7 @@ benchmark's model; plus our SAE training against SAELens. The measuring code is 
     python recipes/benchmark.py --device cuda --bf16             # ViT-B/16, largest batch that fits, bf16
     python recipes/benchmark.py --parts finetune --models vit_b32 --batch_size 4 --steps 10
     python recipes/benchmark.py --quick                          # seconds: tiny model, for tests
+    python recipes/benchmark.py --parts input --output docs/benchmarks/input_pipeline.json   # input pipeline only
 
 SAELens is optional (`pip install saeft-hf[bench]`); without it the SAE comparison reports only our numbers.
 """
@@ -23,7 +24,9 @@ from saeft_hf.benchmarks.speed import FT_CONFIGS, MODELS, PARTS, BenchmarkOption
 SUMMARY_KEYS = (
     "ratio_sae_ft_to_ft", "ratio_sae_ft_to_ft_paired", "ratio_cached_to_ft", "ratio_lora_sae_ft_to_lora",
     "lora_sae_ft_extra_weight_bytes", "lora_sae_ft_extra_weight_fraction", "trainer_vs_loop_throughput",
-    "sae_train_speedup_vs_saelens", "fvu_ours", "fvu_saelens", "fvu_ours_paper_init", "wall_time_s",
+    "sae_train_speedup_vs_saelens", "fvu_ours", "fvu_saelens", "fvu_ours_paper_init", "input_train_ratio_to_pil",
+    "input_eval_ratio_to_pil", "input_large_eval_ratio_to_pil", "input_train_images_per_s_per_core",
+    "input_workers_per_gpu_2000", "input_workers_per_gpu_4000", "embedding_pass_images_per_s", "wall_time_s",
 )
 
 
@@ -43,7 +46,14 @@ def parse(argv: list[str]) -> BenchmarkOptions:
     p.add_argument("--configs", nargs="+", choices=FT_CONFIGS, default=list(FT_CONFIGS),
                    help="Fine-tuning configurations to run.")
     p.add_argument("--parts", nargs="+", choices=PARTS, default=list(PARTS),
-                   help="finetune (step time / memory) and/or sae (SAE training vs SAELens).")
+                   help="finetune (step time / memory), sae (SAE training vs SAELens) and/or input (our transforms "
+                        "vs plain PIL on JPEGs, one core, and the embedding pass).")
+    p.add_argument("--input_images", type=int, default=defaults.input_images, help="300-500 px JPEGs (input part).")
+    p.add_argument("--input_large_images", type=int, default=defaults.input_large_images,
+                   help="1920x1440 JPEGs (input part).")
+    p.add_argument("--input_rounds", type=int, default=defaults.input_rounds, help="Passes (input part).")
+    p.add_argument("--embedding_model", default=defaults.embedding_model, choices=[*MODELS, ""],
+                   help="Vision tower for the embedding-pass throughput ('' skips it).")
     p.add_argument("--sae_vectors", type=int, default=defaults.sae_vectors)
     p.add_argument("--sae_heldout", type=int, default=defaults.sae_heldout)
     p.add_argument("--sae_d_in", type=int, default=defaults.sae_d_in)
@@ -62,6 +72,8 @@ def parse(argv: list[str]) -> BenchmarkOptions:
         configs=tuple(a.configs), parts=tuple(a.parts), sae_vectors=a.sae_vectors, sae_heldout=a.sae_heldout,
         sae_d_in=a.sae_d_in, sae_width=a.sae_width, sae_k=a.sae_k, sae_batch_size=a.sae_batch_size,
         sae_steps=a.sae_steps, sae_lr=a.sae_lr, threads=a.threads, seed=a.seed, quick=a.quick,
+        input_images=a.input_images, input_large_images=a.input_large_images, input_rounds=a.input_rounds,
+        embedding_model=a.embedding_model,
     )
 
 

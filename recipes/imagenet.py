@@ -21,7 +21,7 @@ from pathlib import Path
 from saeft_hf.config import SAEFTConfig
 from saeft_hf.data import check_dataset_size, load_image_dataset, random_subset, shuffle_for_training
 from saeft_hf.evaluation import load_eval_sets, load_eval_specs
-from saeft_hf.imagenet_classes import IMAGENET_TEMPLATES, imagenet_classnames, imagenet_wnids
+from saeft_hf.imagenet_classes import IMAGENET_TEMPLATES, curated_imagenet_classnames, imagenet_classnames
 from saeft_hf.pipeline import ModelArguments, parse_args, run_saeft
 
 
@@ -92,9 +92,9 @@ def classnames_for(dataset, data_args: DataArguments) -> list[str]:
                 f"{len(dataset_names)} labels: give one name per label, in label order."
             )
         return names
-    if dataset_names and set(dataset_names) <= set(imagenet_wnids()):
-        lookup = dict(zip(imagenet_wnids(), imagenet_classnames()))
-        return [lookup[w] for w in dataset_names]
+    curated = curated_imagenet_classnames(dataset_names)  # wnids or ILSVRC's synset strings ("tench, Tinca tinca")
+    if curated is not None:
+        return curated
     if dataset_names:
         return dataset_names
     return imagenet_classnames()  # ImageNet sources whose label is a plain 0..999 index

@@ -41,8 +41,8 @@ features that fine-tuning adds or removes, and embedding drift the SAE dictionar
 """
 
 PRETTY_NAMES = {
-    "imagenet": "ImageNet", "imagenet_v2": "ImageNet-V2", "imagenet_r": "ImageNet-R", "imagenet_a": "ImageNet-A",
-    "imagenet_sketch": "ImageNet-Sketch", "objectnet": "ObjectNet",
+    "imagenet": "ImageNet", "imagenetv2": "ImageNet-V2", "imagenet_v2": "ImageNet-V2", "imagenet_r": "ImageNet-R",
+    "imagenet_a": "ImageNet-A", "imagenet_sketch": "ImageNet-Sketch", "objectnet": "ObjectNet",
 }
 
 

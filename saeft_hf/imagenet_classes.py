@@ -29,6 +29,7 @@ __all__ = [
     "objectnet_class_groups",
     "objectnet_classnames",
     "objectnet_folders",
+    "curated_imagenet_classnames",
 ]
 
 # The 80 prompt templates OpenAI used for CLIP zero-shot ImageNet (also used by WiSE-FT and SAE-FT for the head).
@@ -142,6 +143,29 @@ def imagenet_wnids() -> list[str]:
 def imagenet_classnames() -> list[str]:
     """The 1000 readable ImageNet-1k class names (CLIP zero-shot names) in class-index order."""
     return list(_lines("imagenet_classnames.txt"))
+
+
+def curated_imagenet_classnames(label_names: list[str] | tuple[str, ...]) -> list[str] | None:
+    """The curated class names when ``label_names`` are ImageNet-1k's 1000 classes in class-index order, else None.
+
+    Recognised: the WordNet ids (``n01440764``, ...; the order of ``label_names`` is kept), the curated names
+    themselves, and the WordNet synset strings that ``ILSVRC/imagenet-1k`` and many model configs carry ("tench,
+    Tinca tinca", "hammerhead, hammerhead shark", ...). Those make poor zero-shot prompts; they are recognised by
+    agreement with the curated list position by position (a curated name equal to one of the comma-separated lemmas
+    at the same index, for at least a quarter of the 1000 classes: most curated names are one of those lemmas, a
+    few are rewordings such as "rooster" for "cock", and any other 1000-class list, or ImageNet's in another order,
+    agrees at almost no position).
+    """
+    names = [str(n).strip() for n in label_names]
+    curated = imagenet_classnames()
+    wnids = imagenet_wnids()
+    if names and set(names) <= set(wnids):
+        lookup = dict(zip(wnids, curated))
+        return [lookup[n] for n in names]
+    if len(names) != len(curated):
+        return None
+    agree = sum(c.lower() in {lemma.strip().lower() for lemma in n.split(",")} for n, c in zip(names, curated))
+    return curated if agree >= len(curated) // 4 else None
 
 
 def imagenet_r_indices() -> list[int]:

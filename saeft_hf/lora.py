@@ -36,7 +36,9 @@ def add_lora(
 ) -> PeftModel:
     """Wrap `model` in LoRA (or DoRA) adapters on the vision tower; the head stays fully trainable.
 
-    Raises a ValueError naming the available module names when `target_modules` match nothing.
+    The adapter records its base model (`base_model_name_or_path` in `adapter_config.json`: the CLIP checkpoint the
+    classifier was built from, `config.source_model`), so PEFT's own loaders open a saved run (see
+    `load_classifier`). Raises a ValueError naming the available module names when `target_modules` match nothing.
     """
     if not target_modules:
         raise ValueError("target_modules is empty: name at least one vision-tower linear layer, e.g. q_proj.")
@@ -59,7 +61,13 @@ def add_lora(
         use_dora=use_dora,
         bias="none",
     )
-    return get_peft_model(model, config)
+    peft_model = get_peft_model(model, config)
+    # A classifier built in code (`from_clip`) has no `name_or_path`, so PEFT would record null and its loaders could
+    # not find the base: record the checkpoint the weights came from. `SAEFTCLIPForImageClassification` loads it.
+    base = getattr(model.config, "source_model", None) or model.name_or_path or None
+    for adapter_config in peft_model.peft_config.values():
+        adapter_config.base_model_name_or_path = base
+    return peft_model
 
 
 def merge_lora(model: PeftModel) -> SAEFTCLIPForImageClassification:
@@ -80,6 +88,17 @@ def load_classifier(path: str, **hub_kwargs) -> SAEFTCLIPForImageClassification 
 
     For an adapter, the base weights come from the pre-trained CLIP checkpoint recorded in the config
     (`source_model`); the trained head comes from the adapter (`modules_to_save`).
+
+    With PEFT alone (the adapter's `base_model_name_or_path` is that checkpoint; give the head's class count)::
+
+        from peft import AutoPeftModel, PeftConfig, PeftModel
+        from saeft_hf.modeling import SAEFTCLIPForImageClassification
+        base = SAEFTCLIPForImageClassification.from_pretrained(
+            PeftConfig.from_pretrained(path).base_model_name_or_path, num_labels=1000)
+        model = PeftModel.from_pretrained(base, path)
+        # or, in one call (PEFT imports the base class only from allow-listed packages):
+        model = AutoPeftModel.from_pretrained(path, num_labels=1000,
+                                              import_allowlist=["transformers", "peft", "saeft_hf"])
     """
     if not os.path.isfile(os.path.join(path, "adapter_config.json")):
         return SAEFTCLIPForImageClassification.from_pretrained(path, **hub_kwargs)

@@ -20,6 +20,7 @@ import yaml
 from transformers import HfArgumentParser
 
 from .atomic import write_dir_atomic
+from .backends import check_backends
 from .config import SAEFTConfig
 from .data import (
     REFERENCE_COLUMN,
@@ -103,7 +104,22 @@ def parse_args(dataclass_types: Sequence[type], argv: Sequence[str]) -> tuple[An
         for action in parser._actions:
             if action.dest in values:
                 action.required = False
+    _check_requested_backends(parser, argv)
     return parser.parse_args_into_dataclasses(args=argv)
+
+
+def _check_requested_backends(parser: HfArgumentParser, argv: list[str]) -> None:
+    """Before the dataclasses are built (TrainingArguments would fail on a missing DeepSpeed with a cryptic
+    package-metadata error): a requested but missing backend is named with its install command."""
+    if not any(action.dest == "deepspeed" for action in parser._actions):
+        return
+    value = parser.get_default("deepspeed")  # from the YAML
+    for i, arg in enumerate(argv):
+        if arg == "--deepspeed" and i + 1 < len(argv):
+            value = argv[i + 1]
+        elif arg.startswith("--deepspeed="):
+            value = arg.split("=", 1)[1]
+    check_backends(deepspeed=value)
 
 
 def build_model(

@@ -18,7 +18,7 @@ def is_positive_number(value) -> bool:
 
 def test_quick_benchmark_writes_every_key(tmp_path):
     out = tmp_path / "bench.json"
-    env = {**os.environ, "TQDM_DISABLE": "1", "HF_HUB_OFFLINE": "1"}
+    env = {**os.environ, "TQDM_DISABLE": "1", "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT)}  # this checkout
     proc = subprocess.run([sys.executable, str(ROOT / "recipes" / "benchmark.py"), "--quick", "--threads", "1",
                            "--output", str(out)], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -46,6 +46,11 @@ def test_quick_benchmark_writes_every_key(tmp_path):
     held = {name: model["memory"][name]["persistent_bytes"] for name in CONFIGS}
     assert held["sae_ft"]["reference_model"] == held["ft"]["model_weights"]  # the frozen copy of full SAE-FT
     assert held["sae_ft_cached"]["reference_model"] == 0 and held["lora_sae_ft"]["reference_model"] == 0
+
+    for key in ("input_train_ratio_to_pil", "input_eval_ratio_to_pil", "input_large_eval_ratio_to_pil",
+                "input_train_images_per_s_per_core", "embedding_pass_images_per_s"):  # the input-pipeline part
+        assert is_positive_number(result[key]), (key, result[key])
+    assert result["input_workers_per_gpu_4000"] >= result["input_workers_per_gpu_2000"] >= 1
 
     sae = result["sae_training"]
     assert is_positive_number(sae["ours"]["vectors_per_s"]) and 0 <= sae["ours"]["fvu"]

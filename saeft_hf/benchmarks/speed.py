@@ -65,7 +65,7 @@ from ..trainer import SAEFTTrainer
 
 FT_CONFIGS: tuple[str, ...] = ("ft", "sae_ft", "sae_ft_cached", "lora", "lora_sae_ft", "loop")
 MODELS: tuple[str, ...] = ("vit_b32", "vit_b16", "digits", "tiny")
-PARTS: tuple[str, ...] = ("finetune", "sae")
+PARTS: tuple[str, ...] = ("finetune", "sae", "input")
 DEFAULT_BATCH = {"vit_b32": 8, "vit_b16": 8, "digits": 64, "tiny": 4}
 
 
@@ -94,6 +94,10 @@ class BenchmarkOptions:
     threads: int | None = None  # torch intra-op threads (default: torch's)
     seed: int = 0
     quick: bool = False  # tiny everything, for tests
+    input_images: int = 400  # 300-500 px JPEGs for the input-pipeline part
+    input_large_images: int = 8  # 1920x1440 JPEGs (the large-JPEG case)
+    input_rounds: int = 5  # passes over the images, pipelines interleaved chunk by chunk
+    embedding_model: str = "vit_b32"  # the vision tower of the embedding-pass throughput ("" skips it)
 
     def __post_init__(self) -> None:
         for name, allowed in (("models", MODELS), ("configs", FT_CONFIGS), ("parts", PARTS)):
@@ -110,6 +114,8 @@ class BenchmarkOptions:
             self.sae_vectors, self.sae_heldout = min(self.sae_vectors, 2048), min(self.sae_heldout, 512)
             self.sae_d_in, self.sae_width, self.sae_k = 16, 64, 4
             self.sae_batch_size = min(self.sae_batch_size, 256)
+            self.input_images, self.input_large_images, self.input_rounds = 8, 2, 1
+            self.embedding_model = "tiny"
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -884,6 +890,12 @@ def run_benchmark(opts: BenchmarkOptions, command: str | None = None) -> dict[st
                 out["models"][name] = benchmark_finetuning(name, opts, device, workdir)
         if "sae" in opts.parts:
             out["sae_training"] = benchmark_sae_training(opts, device)
+        if "input" in opts.parts:
+            from .input_pipeline import benchmark_input_pipeline
+
+            out["input_pipeline"] = benchmark_input_pipeline(
+                n_images=opts.input_images, n_large=opts.input_large_images, rounds=opts.input_rounds,
+                image_size=30 if opts.quick else 224, embedding_model=opts.embedding_model, seed=opts.seed)
     primary = out["models"].get(models[0], {}) if out["models"] else {}
     ratios = primary.get("ratios", {})
     lora_weights = primary.get("lora_sae_ft_weights", {})
@@ -906,6 +918,7 @@ def run_benchmark(opts: BenchmarkOptions, command: str | None = None) -> dict[st
         "fvu_ours": sae_part.get("ours", {}).get("fvu"),
         "fvu_saelens": sae_part.get("saelens", {}).get("fvu"),
         "fvu_ours_paper_init": sae_part.get("ours_paper_init", {}).get("fvu"),
+        **_input_summary(out.get("input_pipeline")),
         "load_average_end": _load(),
         "wall_time_s": round(time.time() - start, 1),
     })
@@ -916,6 +929,22 @@ def run_benchmark(opts: BenchmarkOptions, command: str | None = None) -> dict[st
         tmp.write_text(json.dumps(out, indent=2, default=_json_default))
         os.replace(tmp, path)
     return out
+
+
+def _input_summary(part: dict[str, Any] | None) -> dict[str, Any]:
+    """Top-level keys of the input-pipeline part (None when it did not run)."""
+    part = part or {}
+    ratios = part.get("ratios_ours_to_plain_pil", {})
+    workers = part.get("workers_for_train_transform", {})
+    return {
+        "input_train_ratio_to_pil": ratios.get("train", {}).get("ratio_paired"),
+        "input_eval_ratio_to_pil": ratios.get("eval", {}).get("ratio_paired"),
+        "input_large_eval_ratio_to_pil": ratios.get("large_eval", {}).get("ratio_paired"),
+        "input_train_images_per_s_per_core": workers.get("images_per_s_per_core"),
+        "input_workers_per_gpu_2000": workers.get("targets_images_per_s", {}).get("2000", {}).get("workers_per_gpu"),
+        "input_workers_per_gpu_4000": workers.get("targets_images_per_s", {}).get("4000", {}).get("workers_per_gpu"),
+        "embedding_pass_images_per_s": part.get("embedding_pass", {}).get("forward_images_per_s"),
+    }
 
 
 def _json_default(value: Any) -> Any:
