@@ -7,6 +7,7 @@ benchmark run the same code path.
 from __future__ import annotations
 
 import copy
+import json
 import logging
 import os
 import time
@@ -17,7 +18,7 @@ from typing import Any
 import datasets
 import torch
 import yaml
-from transformers import HfArgumentParser
+from transformers import AutoConfig, HfArgumentParser
 
 from .config import SAEFTConfig
 from .data import (
@@ -34,6 +35,19 @@ from .lora import add_lora, save_base_config
 from .sae import SAEConfig, SparseAutoencoder
 from .sae_training import train_sae
 from .trainer import SAE_SUBFOLDER, SAEFTTrainer, SetEpochCallback, base_classifier
+from .validation import (
+    SAEFTConfigError,
+    check_clip_config,
+    check_config_mapping,
+    check_sae,
+    coerce_config_values,
+    data_fingerprint,
+    model_shape,
+    representation_width,
+    reuse_trained_sae,
+    sae_training_key,
+    validate_run,
+)
 from .zeroshot import fit_linear_probe, from_clip, set_head
 
 logger = logging.getLogger(__name__)
@@ -86,12 +100,21 @@ def parse_args(dataclass_types: Sequence[type], argv: Sequence[str]) -> tuple[An
             raise ValueError("--config needs a YAML file path.")
         path = argv[index + 1]
         del argv[index:index + 2]
-        with open(path, encoding="utf-8") as fh:
-            values = yaml.safe_load(fh) or {}
+        if not os.path.isfile(path):
+            raise SAEFTConfigError(f"--config {path}: no such file.")
+        try:
+            with open(path, encoding="utf-8") as fh:
+                values = yaml.safe_load(fh)
+        except yaml.YAMLError as err:
+            raise SAEFTConfigError(f"--config {path} is not valid YAML: {err}") from err
+        values = check_config_mapping(values, path)
         known = {action.dest for action in parser._actions}
         unknown = sorted(set(values) - known)
         if unknown:
-            raise ValueError(f"Unknown keys in {path}: {unknown}. Run the recipe with --help for the valid options.")
+            raise SAEFTConfigError(f"Unknown keys in {path}: {unknown}. Run the recipe with --help for the valid "
+                                   "options.")
+        # YAML types to the options' types: `q_proj` for a list option, "1e-5" (a YAML string) for a float, ...
+        values = coerce_config_values(values, {a.dest: a for a in parser._actions}, path)
         parser.set_defaults(**values)
         # Required-ness is satisfied by YAML values too.
         for action in parser._actions:
@@ -159,6 +182,20 @@ def init_linear_probe_head(model: Any, dataset: Any, eval_transform: Callable[[A
         base.config.representation = rep
     weight, bias = fit_linear_probe(features, labels, base.config.num_labels, init_weight=base.classifier.weight.detach())
     set_head(base, weight, bias)
+
+
+def _model_shape(model_args: ModelArguments, model: Any | None) -> tuple[dict[str, int], str, str | None]:
+    """(depth and widths, representation, source model) of the model the run will fine-tune; reads only its config."""
+    if model is not None:
+        config = base_classifier(model).config
+        return check_clip_config(config, "the given model"), config.representation, config.source_model
+    name = model_args.model_name_or_path
+    try:
+        config = AutoConfig.from_pretrained(name)
+    except (OSError, ValueError) as err:
+        raise SAEFTConfigError(f"Could not read the model config of {name!r} ({type(err).__name__}: {err}). Pass a "
+                               "CLIP checkpoint: a Hub id or a directory with config.json.") from err
+    return check_clip_config(config, repr(name)), model_args.representation, str(name)
 
 
 def _check_sizes(train_dataset: Any, eval_dataset: Any | None, training_args: SAEFTConfig) -> None:
@@ -252,6 +289,19 @@ def run_saeft(
     start = time.time()
     output_dir = training_args.output_dir
     _check_sizes(train_dataset, eval_dataset, training_args)
+    # Everything else that could fail after training (or make it silently wrong) fails here, before any model exists.
+    shape, representation, source_model = _model_shape(model_args, model)
+    wise_ft_alphas = validate_run(
+        model_args, training_args, train_dataset=train_dataset, eval_dataset=eval_dataset, classnames=classnames,
+        templates=templates, eval_sets=eval_sets, id_name=id_name, wise_ft_alphas=wise_ft_alphas, shape=shape,
+    )
+    needs_sae = training_args.regularizer == "sae_ft" and training_args.regularization_active
+    if needs_sae:
+        if sae is None and training_args.sae_name_or_path:
+            sae = SparseAutoencoder.from_pretrained(training_args.sae_name_or_path)
+        if sae is not None:
+            check_sae(sae, width=representation_width(representation, shape), representation=representation,
+                      source_model=None if training_args.allow_sae_source_mismatch else source_model)
     train_transform, eval_transform = transforms_from_pretrained(model_args.model_name_or_path, seed=training_args.seed)
     if model is None:
         model = build_model(model_args, classnames, templates)
@@ -259,23 +309,28 @@ def run_saeft(
         init_linear_probe_head(model, train_dataset, eval_transform, model_args.embedding_batch_size,
                                skip_corrupt_images=skip_corrupt_images)
 
-    needs_sae = training_args.regularizer == "sae_ft" and training_args.regularization_active
     if needs_sae and sae is None:
-        if training_args.sae_name_or_path:
-            sae = SparseAutoencoder.from_pretrained(training_args.sae_name_or_path)
-        else:
-            sae_dir = os.path.join(output_dir, SAE_SUBFOLDER)
-            # Several processes: the main process trains and saves the SAE while the others wait, then they load
-            # that file, so every rank regularises with the same SAE and only one process writes it. (One per node
-            # with save_on_each_node, i.e. when the nodes share no file system.)
-            with training_args.main_process_first(local=training_args.save_on_each_node, desc="training the SAE"):
-                if os.path.isfile(os.path.join(sae_dir, "model.safetensors")):
-                    sae = SparseAutoencoder.from_pretrained(sae_dir)  # resuming (or another rank): reuse it
-                else:
-                    sae = train_sae_for_model(model, train_dataset, eval_transform, model_args,
-                                              output_dir=output_dir, seed=training_args.seed,
-                                              skip_corrupt_images=skip_corrupt_images)
-                    sae.save_pretrained(sae_dir)
+        sae_dir = os.path.join(output_dir, SAE_SUBFOLDER)
+        # Several processes: the main process trains and saves the SAE while the others wait, then they load
+        # that file, so every rank regularises with the same SAE and only one process writes it. (One per node
+        # with save_on_each_node, i.e. when the nodes share no file system.)
+        with training_args.main_process_first(local=training_args.save_on_each_node, desc="training the SAE"):
+            # Keyed on its settings and images: a re-run with other ones must not silently reuse it.
+            key = sae_training_key(model_args, seed=training_args.seed,
+                                   data_fingerprint=data_fingerprint(train_dataset))
+            if os.path.isfile(os.path.join(sae_dir, "model.safetensors")):
+                previous = SparseAutoencoder.from_pretrained(sae_dir)  # resuming (or another rank): reuse it
+                if reuse_trained_sae(previous.config.provenance, key, sae_dir,
+                                     resuming=bool(training_args.resume_from_checkpoint)):
+                    sae = previous
+                elif os.path.isfile(os.path.join(output_dir, "sae_embeddings.safetensors")):
+                    os.remove(os.path.join(output_dir, "sae_embeddings.safetensors"))  # of the old images
+            if sae is None:
+                sae = train_sae_for_model(model, train_dataset, eval_transform, model_args,
+                                          output_dir=output_dir, seed=training_args.seed,
+                                          skip_corrupt_images=skip_corrupt_images)
+                sae.config.provenance = json.loads(json.dumps(key))
+                sae.save_pretrained(sae_dir)
 
     if (training_args.reference_mode == "cached" and training_args.regularization_active
             and training_args.regularizer in ("sae_ft", "feature_distill")):

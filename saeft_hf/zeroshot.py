@@ -15,6 +15,7 @@ from tqdm.auto import tqdm
 from transformers import AutoTokenizer, CLIPModel, PreTrainedTokenizerBase
 
 from .modeling import SAEFTCLIPConfig, SAEFTCLIPForImageClassification
+from .validation import SAEFTConfigError, check_text_embeddings, check_tokenizer
 
 
 @torch.no_grad()
@@ -95,8 +96,15 @@ def from_clip(
         templates: prompt templates with a `{}` placeholder (e.g. `saeft_hf.evaluation.IMAGENET_TEMPLATES`).
         representation: what the SAE-FT penalty sees (see `saeft_hf.modeling.parse_representation`).
     """
+    if tokenizer is None:
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(clip_name_or_path, **hub_kwargs)
+        except (OSError, ValueError, TypeError) as err:
+            raise SAEFTConfigError(f"Could not load the tokenizer of {clip_name_or_path!r} ({type(err).__name__}: "
+                                   f"{err}). The zero-shot head needs the checkpoint's tokenizer files.") from err
+    # Before the model loads: a checkpoint without tokenizer files maps every class name to the same tokens.
+    check_tokenizer(tokenizer, classnames, repr(str(clip_name_or_path)))
     clip = CLIPModel.from_pretrained(clip_name_or_path, **hub_kwargs)
-    tokenizer = tokenizer or AutoTokenizer.from_pretrained(clip_name_or_path, **hub_kwargs)
     config = SAEFTCLIPConfig(
         vision_config=clip.config.vision_config.to_dict(),
         projection_dim=clip.config.projection_dim,
@@ -109,7 +117,8 @@ def from_clip(
     model = SAEFTCLIPForImageClassification(config)
     model.vision_model.load_state_dict(clip.vision_model.state_dict())
     model.visual_projection.load_state_dict(clip.visual_projection.state_dict())
-    build_zeroshot_head(model, clip, tokenizer, classnames, templates, progress=progress)
+    text = build_zeroshot_head(model, clip, tokenizer, classnames, templates, progress=progress)
+    check_text_embeddings(text, classnames, repr(str(clip_name_or_path)))
     return model
 
 
