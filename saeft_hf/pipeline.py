@@ -323,8 +323,11 @@ def run_saeft(
                 if reuse_trained_sae(previous.config.provenance, key, sae_dir,
                                      resuming=bool(training_args.resume_from_checkpoint)):
                     sae = previous
-                elif os.path.isfile(os.path.join(output_dir, "sae_embeddings.safetensors")):
-                    os.remove(os.path.join(output_dir, "sae_embeddings.safetensors"))  # of the old images
+                elif any(previous.config.provenance.get(k) != key[k] for k in ("model", "representation", "data",
+                                                                               "max_samples")):
+                    embeddings = os.path.join(output_dir, "sae_embeddings.safetensors")
+                    if os.path.isfile(embeddings):
+                        os.remove(embeddings)  # embeddings of other images (or another model): never reuse them
             if sae is None:
                 sae = train_sae_for_model(model, train_dataset, eval_transform, model_args,
                                           output_dir=output_dir, seed=training_args.seed,

@@ -599,11 +599,13 @@ def check_tokenizer(tokenizer: Any, classnames: Sequence[str], source: str) -> N
     distinct = list(dict.fromkeys(classnames))
     if len(distinct) < 2:
         return
-    ids = {tuple(tokenizer(name)["input_ids"]) for name in distinct}
-    if len(ids) == 1:
+    tokens = [list(tokenizer(name, add_special_tokens=False)["input_ids"]) for name in distinct]
+    unk = getattr(tokenizer, "unk_token_id", None)
+    all_unknown = unk is not None and all(all(t == unk for t in ids) for ids in tokens)
+    if all_unknown or len({tuple(ids) for ids in tokens}) == 1:
         raise SAEFTConfigError(
-            f"The tokenizer of {source} gives the same tokens to every class name ({distinct[:3]} ...): its "
-            "vocabulary is missing, so every class would get the same zero-shot text embedding. Save the tokenizer "
+            f"The tokenizer of {source} gives the same or only unknown tokens to every class name ({distinct[:3]} "
+            "...): its vocabulary is missing, so every class would get the same zero-shot text embedding. Save the tokenizer "
             "files (tokenizer.json / vocab.json + merges.txt) with the checkpoint, or use one that has them."
         )
 
