@@ -281,7 +281,10 @@ def run_saeft(
         model: a ready classifier (skips `build_model`).
 
     Fails before building anything when a map-style train or eval set is empty (or, with `dataloader_drop_last`,
-    smaller than one step). With `push_to_hub`, the upload happens here, once, at the end: the Trainer's own
+    smaller than one step), and on every configuration, label, eval-set, model-config or SAE problem that
+    `saeft_hf.validation.validate_run` finds (an `SAEFTConfigError` naming the fix). The SAE it trains itself is keyed
+    on its settings and the training set's fingerprint (`SAEConfig.provenance`): a later run in the same
+    `output_dir` reuses it only when they match, retrains otherwise, and refuses to switch SAEs when resuming. With `push_to_hub`, the upload happens here, once, at the end: the Trainer's own
     `push_to_hub` is turned off and `hub_token` is taken out of `training_args` (so no `training_args.bin` holds
     it). Several processes: only the main process trains and saves the SAE (the others load it) and writes the
     results and the card, and pushes.

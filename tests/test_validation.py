@@ -219,6 +219,11 @@ def test_yaml_string_numbers_are_converted_and_wrong_types_named(recipe, tmp_pat
             parse_yaml(recipe, tmp_path, text)
 
 
+def test_unknown_yaml_keys_are_refused(recipe, tmp_path):
+    with pytest.raises(SAEFTConfigError, match=r"Unknown keys in .*config.yaml: \['lerning_rate'\]. Run the recipe with --help"):
+        parse_yaml(recipe, tmp_path, "lerning_rate: 1.0e-5\n")
+
+
 def test_a_missing_or_broken_yaml_file_is_named(recipe, tmp_path):
     with pytest.raises(SAEFTConfigError, match="--config .*nope.yaml: no such file"):
         parse_args((ModelArguments, recipe.DataArguments, SAEFTConfig), ["--config", str(tmp_path / "nope.yaml")])
