@@ -411,7 +411,7 @@ def imagenet_classnames_for_unnamed_labels(ds: Any, dataset_name: str | None = N
         logger.info("%s: integer labels without names; using the 1000 ImageNet class names.", dataset_name)
         return imagenet_classnames()
     seen = (f"{len(labels)} distinct labels ({labels[0]}..{labels[-1]})" if labels
-            else "a stream whose label set cannot be counted")
+            else "a stream or an empty set, whose labels cannot be counted")
     raise SAEFTConfigError(
         f"The dataset's labels are plain integers without class names ({seen}), so the zero-shot prompts cannot be "
         "written (the 1000 ImageNet names are used only for ImageNet's 0..999 labels). Pass --classnames_file with "
