@@ -42,7 +42,6 @@ from .validation import (
     check_sae,
     coerce_config_values,
     data_fingerprint,
-    model_shape,
     representation_width,
     reuse_trained_sae,
     sae_training_key,
