@@ -20,9 +20,19 @@ from pathlib import Path
 
 from saeft_hf.config import SAEFTConfig
 from saeft_hf.data import check_dataset_size, load_image_dataset, random_subset, shuffle_for_training
-from saeft_hf.evaluation import load_eval_sets, load_eval_specs
-from saeft_hf.imagenet_classes import IMAGENET_TEMPLATES, curated_imagenet_classnames, imagenet_classnames
+from saeft_hf.evaluation import load_eval_sets
+from saeft_hf.imagenet_classes import IMAGENET_TEMPLATES, curated_imagenet_classnames
 from saeft_hf.pipeline import ModelArguments, parse_args, run_saeft
+from saeft_hf.validation import (
+    align_validation_classes,
+    check_class_folders,
+    check_files,
+    check_model_args,
+    check_training_args,
+    check_wise_ft_alphas,
+    imagenet_classnames_for_unnamed_labels,
+    load_eval_specs_checked,
+)
 
 
 @dataclass
@@ -97,7 +107,8 @@ def classnames_for(dataset, data_args: DataArguments) -> list[str]:
         return curated
     if dataset_names:
         return dataset_names
-    return imagenet_classnames()  # ImageNet sources whose label is a plain 0..999 index
+    # Plain integer labels: ImageNet's names only for ImageNet's 0..999 labels; otherwise --classnames_file.
+    return imagenet_classnames_for_unnamed_labels(dataset, data_args.dataset_name)
 
 
 def main(argv: list[str]) -> None:
@@ -105,6 +116,15 @@ def main(argv: list[str]) -> None:
     # The library logs its plan (batch, accumulation, steps) and progress at INFO; only the main process prints it.
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                         level=logging.INFO if training_args.process_index == 0 else logging.WARNING)
+    # What can be checked before any data is read (run_saeft checks the rest before building the model).
+    check_training_args(training_args, streaming=data_args.streaming)
+    check_model_args(model_args)
+    data_args.wise_ft_alphas = check_wise_ft_alphas(data_args.wise_ft_alphas)
+    check_files(classnames_file=data_args.classnames_file, templates_file=data_args.templates_file,
+                eval_sets_config=data_args.eval_sets_config)
+    for what, root in (("train_dir", data_args.train_dir), ("validation_dir", data_args.validation_dir)):
+        if root is not None:
+            check_class_folders(root, what)
     source = dict(
         dataset_name=data_args.dataset_name, dataset_config_name=data_args.dataset_config_name,
         image_column=data_args.image_column, label_column=data_args.label_column,
@@ -118,7 +138,7 @@ def main(argv: list[str]) -> None:
     if data_args.validation_dir or data_args.validation_files or data_args.dataset_name:
         validation = load_image_dataset(**source, validation_dir=data_args.validation_dir,
                                         data_files=data_args.validation_files, split=data_args.validation_split)
-    classnames = classnames_for(train, data_args)
+    validation = align_validation_classes(train, validation)  # same classes, same ids (or a clear error)
     if data_args.streaming:
         # An empty stream would otherwise "train" for 0 steps and save the untouched model. Checked on the raw,
         # undecoded stream before the shuffle buffer, so this reads one example. (run_saeft checks map-style sets.)
@@ -127,6 +147,7 @@ def main(argv: list[str]) -> None:
             train = shuffle_for_training(train, seed=training_args.seed)
         elif training_args.num_train_examples is not None:  # an epoch is a pass over the subset
             training_args.num_train_examples = min(training_args.num_train_examples, data_args.max_train_samples)
+    classnames = classnames_for(train, data_args)  # before max_train_samples: a sample may lack some classes
     # Seeded random subsets, never the first rows (a stream's subset comes out of its seeded shuffle).
     train = random_subset(train, data_args.max_train_samples, seed=training_args.seed)
     if validation is not None:
@@ -142,7 +163,8 @@ def main(argv: list[str]) -> None:
     id_name = "validation"
     if data_args.eval_sets_config:
         # The ID set of the spec file is replaced by the run's own validation split when there is one.
-        specs = [s for s in load_eval_specs(data_args.eval_sets_config) if s.role != "id" or validation is None]
+        specs = [s for s in load_eval_specs_checked(data_args.eval_sets_config, len(classnames))
+                 if s.role != "id" or validation is None]
         eval_sets.update(load_eval_sets(specs))
         shift_names = [s.name for s in specs if s.role != "id"]
         id_name = next((s.name for s in specs if s.role == "id"), id_name)

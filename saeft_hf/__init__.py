@@ -8,12 +8,14 @@ from .penalty import SAEFTPenalty, feature_distillation_penalty, l2sp_penalty, s
 from .sae import SAEConfig, SAELoadError, SAEMismatchError, SAEOutput, SparseAutoencoder
 from .sae_training import SAETrainingResult, evaluate_sae, train_sae
 from .trainer import SAEFTTrainer
+from .validation import SAEFTConfigError
 
 __all__ = [
     "SAEConfig",
     "SAEFTCLIPConfig",
     "SAEFTCLIPForImageClassification",
     "SAEFTConfig",
+    "SAEFTConfigError",
     "SAEFTPenalty",
     "SAEFTTrainer",
     "SAELoadError",

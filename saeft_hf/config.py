@@ -13,6 +13,8 @@ import torch
 from transformers import TrainingArguments
 from transformers.utils import is_torch_xla_available
 
+from .validation import check_loss_weight
+
 REGULARIZERS = ("sae_ft", "feature_distill", "l2sp", "none")
 HEAD_INITS = ("zero-shot", "linear-probe")
 REFERENCE_MODES = ("live", "cached")
@@ -160,12 +162,7 @@ class SAEFTConfig(TrainingArguments):
         if self.reference_mode not in REFERENCE_MODES:
             raise ValueError(f"reference_mode must be one of {REFERENCE_MODES}, got {self.reference_mode!r}.")
         for name in ("lambda_reg", "lambda_add", "lambda_remove", "mu"):
-            value = getattr(self, name)
-            if value < 0:
-                raise ValueError(
-                    f"{name} must be >= 0, got {value}: a negative weight would reward the drift it is meant to "
-                    f"limit. Use {name}=0 to switch the term off."
-                )
+            check_loss_weight(name, getattr(self, name))  # finite and >= 0: `nan > 0` is False, NaN would hide
         if self.use_lora and (self.lora_r < 1 or self.lora_alpha <= 0):
             raise ValueError(f"LoRA needs lora_r >= 1 and lora_alpha > 0, got r={self.lora_r}, alpha={self.lora_alpha}.")
 

@@ -7,6 +7,7 @@ benchmark run the same code path.
 from __future__ import annotations
 
 import copy
+import json
 import logging
 import os
 import time
@@ -17,7 +18,7 @@ from typing import Any
 import datasets
 import torch
 import yaml
-from transformers import HfArgumentParser
+from transformers import AutoConfig, HfArgumentParser
 
 from .atomic import write_dir_atomic
 from .backends import check_backends
@@ -30,7 +31,7 @@ from .data import (
     transforms_from_pretrained,
     with_image_transform,
 )
-from .cache import cache_dir, embedding_cache_key
+from .cache import cache_dir, dataset_fingerprint, embedding_cache_key
 from .distributed import all_ranks_agree, is_main_process
 from .embeddings import add_reference_embeddings, compute_embeddings
 from .evaluation import evaluate_sets, shift_averages, wise_ft_sweep
@@ -40,6 +41,17 @@ from .run_dir import claims_output_dir
 from .sae import SAEConfig, SparseAutoencoder
 from .sae_training import train_sae
 from .trainer import SAE_SUBFOLDER, SAEFTTrainer, SetEpochCallback, base_classifier
+from .validation import (
+    SAEFTConfigError,
+    check_clip_config,
+    check_config_mapping,
+    check_sae,
+    coerce_config_values,
+    representation_width,
+    reuse_trained_sae,
+    sae_training_key,
+    validate_run,
+)
 from .zeroshot import fit_linear_probe, from_clip, set_head
 
 logger = logging.getLogger(__name__)
@@ -93,12 +105,21 @@ def parse_args(dataclass_types: Sequence[type], argv: Sequence[str]) -> tuple[An
             raise ValueError("--config needs a YAML file path.")
         path = argv[index + 1]
         del argv[index:index + 2]
-        with open(path, encoding="utf-8") as fh:
-            values = yaml.safe_load(fh) or {}
+        if not os.path.isfile(path):
+            raise SAEFTConfigError(f"--config {path}: no such file.")
+        try:
+            with open(path, encoding="utf-8") as fh:
+                values = yaml.safe_load(fh)
+        except yaml.YAMLError as err:
+            raise SAEFTConfigError(f"--config {path} is not valid YAML: {err}") from err
+        values = check_config_mapping(values, path)
         known = {action.dest for action in parser._actions}
         unknown = sorted(set(values) - known)
         if unknown:
-            raise ValueError(f"Unknown keys in {path}: {unknown}. Run the recipe with --help for the valid options.")
+            raise SAEFTConfigError(f"Unknown keys in {path}: {unknown}. Run the recipe with --help for the valid "
+                                   "options.")
+        # YAML types to the options' types: `q_proj` for a list option, "1e-5" (a YAML string) for a float, ...
+        values = coerce_config_values(values, {a.dest: a for a in parser._actions}, path)
         parser.set_defaults(**values)
         # Required-ness is satisfied by YAML values too.
         for action in parser._actions:
@@ -254,6 +275,20 @@ def init_linear_probe_head(model: Any, dataset: Any, eval_transform: Callable[[A
     set_head(base, weight, bias)
 
 
+def _model_shape(model_args: ModelArguments, model: Any | None) -> tuple[dict[str, int], str, str | None]:
+    """(depth and widths, representation, source model) of the model the run will fine-tune; reads only its config."""
+    if model is not None:
+        config = base_classifier(model).config
+        return check_clip_config(config, "the given model"), config.representation, config.source_model
+    name = model_args.model_name_or_path
+    try:
+        config = AutoConfig.from_pretrained(name)
+    except (OSError, ValueError) as err:
+        raise SAEFTConfigError(f"Could not read the model config of {name!r} ({type(err).__name__}: {err}). Pass a "
+                               "CLIP checkpoint: a Hub id or a directory with config.json.") from err
+    return check_clip_config(config, repr(name)), model_args.representation, str(name)
+
+
 def _check_sizes(train_dataset: Any, eval_dataset: Any | None, training_args: SAEFTConfig) -> None:
     """Fail before any model is built when a map-style train or eval set is empty, or too small for one step.
 
@@ -343,8 +378,12 @@ def run_saeft(
 
     Fails before building anything when `output_dir` is not writable, is in use by another run (its lock file
     `.saeft.lock`), or holds another run's results without `overwrite_output_dir` or `resume_from_checkpoint`
-    (`saeft_hf.run_dir`), and when a map-style train or eval set is empty (or, with `dataloader_drop_last`,
-    smaller than one step). With `push_to_hub`, the upload happens here, once, at the end: the Trainer's own
+    (`saeft_hf.run_dir`); when a map-style train or eval set is empty (or, with `dataloader_drop_last`, smaller than
+    one step); and on every configuration, label, eval-set, model-config or SAE problem that
+    `saeft_hf.validation.validate_run` finds (an `SAEFTConfigError` naming the fix). The SAE it trains itself is keyed
+    on its settings and the training set's fingerprint (`SAEConfig.provenance`): a later run in the same
+    `output_dir` reuses it only when they match, retrains otherwise, and refuses to switch SAEs when resuming.
+    With `push_to_hub`, the upload happens here, once, at the end: the Trainer's own
     `push_to_hub` is turned off and `hub_token` is taken out of `training_args` (so no `training_args.bin` holds
     it). Several processes: every rank takes its share of the zero-shot head, the linear-probe features, the SAE's
     embedding pass and the cached reference (on `training_args.device`, in the run's precision; caches in
@@ -354,6 +393,19 @@ def run_saeft(
     start = time.time()
     output_dir = training_args.output_dir
     _check_sizes(train_dataset, eval_dataset, training_args)
+    # Everything else that could fail after training (or make it silently wrong) fails here, before any model exists.
+    shape, representation, source_model = _model_shape(model_args, model)
+    wise_ft_alphas = validate_run(
+        model_args, training_args, train_dataset=train_dataset, eval_dataset=eval_dataset, classnames=classnames,
+        templates=templates, eval_sets=eval_sets, id_name=id_name, wise_ft_alphas=wise_ft_alphas, shape=shape,
+    )
+    needs_sae = training_args.regularizer == "sae_ft" and training_args.regularization_active
+    if needs_sae:
+        if sae is None and training_args.sae_name_or_path:
+            sae = SparseAutoencoder.from_pretrained(training_args.sae_name_or_path)
+        if sae is not None:
+            check_sae(sae, width=representation_width(representation, shape), representation=representation,
+                      source_model=None if training_args.allow_sae_source_mismatch else source_model)
     train_transform, eval_transform = transforms_from_pretrained(model_args.model_name_or_path, seed=training_args.seed)
     # The expensive preparation (zero-shot head, linear-probe features, SAE embeddings) runs on the accelerator in
     # the run's precision, every rank taking its share: no rank waits long on a barrier.
@@ -368,32 +420,35 @@ def run_saeft(
                                num_workers=training_args.dataloader_num_workers, distributed=distributed,
                                output_dir=output_dir)
 
-    needs_sae = training_args.regularizer == "sae_ft" and training_args.regularization_active
     if needs_sae and sae is None:
-        if training_args.sae_name_or_path:
-            sae = SparseAutoencoder.from_pretrained(training_args.sae_name_or_path)
-        else:
-            sae_dir = os.path.join(output_dir, SAE_SUBFOLDER)
-            embeddings = None
-            # Decided by all ranks together: the embedding pass below is collective, so no rank may skip it alone.
-            if not all_ranks_agree(os.path.isfile(os.path.join(sae_dir, "model.safetensors"))):
-                embeddings = sae_training_embeddings(
-                    model, train_dataset, eval_transform, model_args, output_dir=output_dir,
-                    skip_corrupt_images=skip_corrupt_images, device=device, autocast_dtype=autocast,
-                    num_workers=training_args.dataloader_num_workers, distributed=distributed,
-                    seed=training_args.seed)
-            # Several processes: the main process trains and saves the SAE (minutes on the accelerator) while the
-            # others wait, then they load that file, so every rank regularises with the same SAE and only one
-            # process writes it. (One per node with save_on_each_node, i.e. when the nodes share no file system.)
-            with training_args.main_process_first(local=training_args.save_on_each_node, desc="training the SAE"):
-                if os.path.isfile(os.path.join(sae_dir, "model.safetensors")):
-                    sae = SparseAutoencoder.from_pretrained(sae_dir)  # resuming (or another rank): reuse it
-                else:
-                    sae = train_sae_for_model(model, train_dataset, eval_transform, model_args,
-                                              output_dir=output_dir, seed=training_args.seed,
-                                              skip_corrupt_images=skip_corrupt_images, embeddings=embeddings,
-                                              device=device)
-                    write_dir_atomic(sae_dir, sae.save_pretrained)  # whole or absent: it is reused on resume
+        sae_dir = os.path.join(output_dir, SAE_SUBFOLDER)
+        sae_file = os.path.join(sae_dir, "model.safetensors")
+        # Keyed on its settings and images: a re-run with other ones must not silently reuse it.
+        key = sae_training_key(model_args, seed=training_args.seed, data_fingerprint=dataset_fingerprint(train_dataset))
+        resuming = bool(training_args.resume_from_checkpoint)
+        reusable = os.path.isfile(sae_file) and reuse_trained_sae(
+            SparseAutoencoder.from_pretrained(sae_dir).config.provenance, key, sae_dir, resuming=resuming)
+        embeddings = None
+        # Decided by all ranks together: the embedding pass below is collective, so no rank may skip it alone.
+        if not all_ranks_agree(reusable):
+            embeddings = sae_training_embeddings(
+                model, train_dataset, eval_transform, model_args, output_dir=output_dir,
+                skip_corrupt_images=skip_corrupt_images, device=device, autocast_dtype=autocast,
+                num_workers=training_args.dataloader_num_workers, distributed=distributed,
+                seed=training_args.seed)
+        # Several processes: the main process trains and saves the SAE (minutes on the accelerator) while the
+        # others wait, then they load that file, so every rank regularises with the same SAE and only one
+        # process writes it. (One per node with save_on_each_node, i.e. when the nodes share no file system.)
+        with training_args.main_process_first(local=training_args.save_on_each_node, desc="training the SAE"):
+            if reusable or not training_args.should_save:
+                sae = SparseAutoencoder.from_pretrained(sae_dir)  # reused, or just written by the saving process
+            else:
+                sae = train_sae_for_model(model, train_dataset, eval_transform, model_args,
+                                          output_dir=output_dir, seed=training_args.seed,
+                                          skip_corrupt_images=skip_corrupt_images, embeddings=embeddings,
+                                          device=device)
+                sae.config.provenance = json.loads(json.dumps(key))
+                write_dir_atomic(sae_dir, sae.save_pretrained)  # whole or absent: it is reused on resume
 
     if (training_args.reference_mode == "cached" and training_args.regularization_active
             and training_args.regularizer in ("sae_ft", "feature_distill")):

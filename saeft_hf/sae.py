@@ -21,9 +21,19 @@ from typing import Any, Literal
 import torch
 import torch.nn.functional as F
 from huggingface_hub import ModelCard, ModelCardData, PyTorchModelHubMixin, hf_hub_download
-from huggingface_hub.errors import EntryNotFoundError
+from huggingface_hub.errors import (
+    EntryNotFoundError,
+    HFValidationError,
+    HfHubHTTPError,
+    LocalEntryNotFoundError,
+    RepositoryNotFoundError,
+    RevisionNotFoundError,
+)
+from huggingface_hub.utils import validate_repo_id
 from safetensors.torch import load_file, save_file
 from torch import nn
+
+from .modeling import parse_representation
 
 Activation = Literal["topk_signed", "topk", "batchtopk", "relu"]
 ACTIVATIONS: tuple[str, ...] = ("topk_signed", "topk", "batchtopk", "relu")
@@ -59,6 +69,9 @@ class SAEConfig:
         representation: which representation: `image_embeds` (final projected CLIP image embedding), `pooler_output`,
             or `hidden_states.{layer}.cls` / `hidden_states.{layer}.mean`.
         training_metrics: final metrics of `train_sae` (fvu, l0, dead_fraction, ...), written into the model card.
+        provenance: what made this SAE when a run trained it itself (its settings and a fingerprint of the images,
+            see `saeft_hf.validation.sae_training_key`); a later run in the same output_dir reuses the SAE only when
+            they match. Empty for SAEs trained otherwise.
     """
 
     d_in: int
@@ -70,8 +83,24 @@ class SAEConfig:
     source_model: str | None = None
     representation: str = "image_embeds"
     training_metrics: dict[str, Any] = field(default_factory=dict)
+    provenance: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
+        # Types first: a wrong type found here is a clear error; found when the card is written, a crash after training.
+        for name in ("training_metrics", "provenance"):
+            value = getattr(self, name)
+            if not isinstance(value, dict):
+                raise ValueError(f"SAEConfig.{name} must be a JSON object (name -> value), got "
+                                 f"{type(value).__name__} {value!r}.")
+        for name in ("activation", "input_normalization", "representation"):
+            if not isinstance(getattr(self, name), str):
+                raise ValueError(f"SAEConfig.{name} must be a string, got {getattr(self, name)!r}.")
+        if self.source_model is not None and not isinstance(self.source_model, str):
+            raise ValueError(f"SAEConfig.source_model must be a string or null, got {self.source_model!r}.")
+        parse_representation(self.representation)
+        if (not isinstance(self.l1_coefficient, (int, float)) or isinstance(self.l1_coefficient, bool)
+                or not math.isfinite(self.l1_coefficient)):
+            raise ValueError(f"SAEConfig.l1_coefficient must be a finite number, got {self.l1_coefficient!r}.")
         for name in ("d_in", "d_sae"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
@@ -321,6 +350,28 @@ class SparseAutoencoder(
                 "(recipes/train_sae.py), or pass `allow_sae_source_mismatch=True` if they are the same weights."
             )
 
+    def check_weights(self) -> None:
+        """Raise `SAELoadError` if the weights are non-finite or degenerate (an all-zero encoder or decoder).
+
+        An all-zero encoder or decoder makes every code or reconstruction 0, so the SAE-FT add/remove terms vanish
+        and training is silently plain fine-tuning; a NaN or inf weight poisons the loss.
+        """
+        problems = []
+        for name, tensor in self.state_dict().items():
+            if tensor.is_floating_point():
+                bad = int((~torch.isfinite(tensor)).sum())
+                if bad:
+                    problems.append(f"{name} has {bad} NaN/inf value(s)")
+        for name in ("W_enc", "W_dec"):
+            if not getattr(self, name).detach().any():
+                problems.append(f"{name} is all zeros")
+        if problems:
+            raise SAELoadError(
+                f"SAE weights are unusable: {'; '.join(problems)}. An all-zero encoder or decoder would make the "
+                "SAE-FT penalty vanish and NaN/inf weights poison the loss. Retrain the SAE (recipes/train_sae.py) "
+                "or re-download it."
+            )
+
     # ----------------------------------------------------------------------------------------------------------
     # Saving and loading (safetensors only)
     # ----------------------------------------------------------------------------------------------------------
@@ -379,7 +430,7 @@ class SparseAutoencoder(
             template_str=SAE_CARD_TEMPLATE,
             metrics_table=table,
             repo_id=kwargs.get("repo_id") or "<repo_id or local path>",
-            **{key: value for key, value in cfg.to_dict().items() if key != "training_metrics"},
+            **{key: value for key, value in cfg.to_dict().items() if key not in ("training_metrics", "provenance")},
         )
 
     @classmethod
@@ -397,17 +448,40 @@ class SparseAutoencoder(
     ) -> SparseAutoencoder:
         """Load an SAE from a local directory or a Hub repo (safetensors only; strict keys and shapes)."""
         source = str(pretrained_model_name_or_path)
+        is_dir = os.path.isdir(source)
+        _check_sae_source(source, is_dir)
 
         def resolve(filename: str) -> str:
-            if os.path.isdir(source):
+            if is_dir:
                 path = os.path.join(source, subfolder or "", filename)
                 if not os.path.isfile(path):
                     raise FileNotFoundError(path)
                 return path
-            return hf_hub_download(
-                source, filename, subfolder=subfolder, revision=revision, token=token, cache_dir=cache_dir,
-                local_files_only=local_files_only, force_download=force_download,
-            )
+            try:
+                return hf_hub_download(
+                    source, filename, subfolder=subfolder, revision=revision, token=token, cache_dir=cache_dir,
+                    local_files_only=local_files_only, force_download=force_download,
+                )
+            except RepositoryNotFoundError as err:  # also gated/private repos
+                raise SAELoadError(
+                    f"No SAE at `{source}`: there is no such local folder, and no Hub repo `{source}` you can read "
+                    f"({type(err).__name__}). Give the folder written by `SparseAutoencoder.save_pretrained`, or a "
+                    "Hub repo id; for a private or gated repo log in (`hf auth login`)."
+                ) from err
+            except RevisionNotFoundError as err:
+                raise SAELoadError(f"The Hub repo `{source}` has no revision {revision!r}.") from err
+            except LocalEntryNotFoundError as err:
+                if filename != CONFIG_NAME:
+                    raise
+                raise SAELoadError(
+                    f"No SAE at `{source}`: there is no such local folder, and the Hub repo `{source}` is not in the "
+                    "local cache and cannot be downloaded (offline?). Check the path, or go online once to download it."
+                ) from err
+            except (HfHubHTTPError, OSError) as err:
+                if isinstance(err, (FileNotFoundError, EntryNotFoundError)):
+                    raise
+                raise SAELoadError(f"Could not download the SAE `{source}` from the Hub ({type(err).__name__}: {err}). "
+                                   "Check the network and the repo id.") from err
 
         try:
             config_path = resolve(CONFIG_NAME)
@@ -427,9 +501,12 @@ class SparseAutoencoder(
             weights_path = resolve(WEIGHTS_NAME)
         except (FileNotFoundError, EntryNotFoundError) as err:
             pickles = [n for n in PICKLE_NAMES if os.path.isfile(os.path.join(source, subfolder or "", n))]
+            pickle_path = os.path.join(source, subfolder or "", pickles[0]) if pickles else ""
             hint = (
-                f" Found {pickles}: pickle files can run arbitrary code, so saeft-hf refuses to load them. Convert "
-                "once in a trusted environment with `saeft_hf.sae.convert_pickle_to_safetensors(path)`."
+                f" Found {pickles}: pickle files can run arbitrary code, so saeft-hf refuses to load them. If you "
+                "trust the file, convert it once (it is read with torch.load(weights_only=True), using the "
+                "config.json beside it, and model.safetensors is written next to it): "
+                f"`saeft_hf.sae.convert_pickle_to_safetensors({pickle_path!r})`."
                 if pickles else ""
             )
             raise SAELoadError(f"No {WEIGHTS_NAME} for the SAE at `{source}`.{hint}") from err
@@ -451,6 +528,10 @@ class SparseAutoencoder(
                 f"activation={config.activation}): missing {missing}, unexpected {unexpected}, shapes {bad_shapes}."
             )
         sae.load_state_dict(state, strict=True)
+        try:
+            sae.check_weights()
+        except SAELoadError as err:
+            raise SAELoadError(f"The SAE at `{source}` is unusable: {err}") from err
         return sae.to(map_location)
 
 
@@ -557,17 +638,67 @@ def _same_model(a: str, b: str) -> bool:
         return False
 
 
+def _check_sae_source(source: str, is_dir: bool) -> None:
+    """A local path that is not an SAE folder gets our error, not the Hub's `Repo id must be in the form ...`."""
+    if is_dir:
+        return
+    if os.path.isfile(source):
+        raise SAELoadError(
+            f"`{source}` is a file; an SAE is loaded from the folder written by `SparseAutoencoder.save_pretrained` "
+            f"(config.json + model.safetensors): pass `{os.path.dirname(source) or '.'}`."
+        )
+    looks_local = source.startswith((".", "~", os.sep)) or source.count("/") > 1 or "\\" in source
+    try:
+        validate_repo_id(source)
+    except HFValidationError:
+        looks_local = True
+    if looks_local:
+        raise SAELoadError(
+            f"No SAE at `{source}`: no such folder. Give the folder written by `SparseAutoencoder.save_pretrained`, "
+            "or a Hub repo id (namespace/name)."
+        )
+
+
 def _fmt(value: Any) -> str:
     return f"{value:.4g}" if isinstance(value, float) else str(value)
 
 
-def convert_pickle_to_safetensors(path: str | Path, output_dir: str | Path, config: SAEConfig) -> Path:
+def convert_pickle_to_safetensors(path: str | Path, output_dir: str | Path | None = None,
+                                  config: SAEConfig | None = None) -> Path:
     """Convert a trusted pickled state dict (e.g. the reference code's `sae_4_32.pt`) to our safetensors format.
 
     Loaded with `torch.load(weights_only=True)`, which refuses arbitrary objects. The reference names
-    (`encoder.weight` [F, d], `decoder.weight` [d, F], `b_pre` [d]) are mapped to ours.
+    (`encoder.weight` [F, d], `decoder.weight` [d, F], `b_pre` [d]) are mapped to ours. `path` is the pickle file
+    (or a folder holding one of `PICKLE_NAMES`); `output_dir` defaults to its folder; `config` defaults to the
+    `config.json` in that folder. Returns `output_dir`, now loadable with `SparseAutoencoder.from_pretrained`.
     """
-    state = torch.load(path, map_location="cpu", weights_only=True)
+    path = Path(path)
+    if path.is_dir():
+        found = [path / n for n in PICKLE_NAMES if (path / n).is_file()]
+        if not found:
+            raise SAELoadError(f"No pickled SAE ({', '.join(PICKLE_NAMES)}) in {path}; pass the file itself.")
+        path = found[0]
+    if not path.is_file():
+        raise SAELoadError(f"No file at {path}: pass the pickled state dict to convert.")
+    if config is None:
+        config_file = Path(output_dir or path.parent) / CONFIG_NAME
+        if not config_file.is_file():
+            config_file = path.parent / CONFIG_NAME
+        if not config_file.is_file():
+            raise SAELoadError(f"No {CONFIG_NAME} beside {path}: pass config=SAEConfig(d_in=..., d_sae=..., k=...).")
+        try:
+            config = SAEConfig.from_dict(json.loads(config_file.read_text(encoding="utf-8")))
+        except json.JSONDecodeError as err:
+            raise SAELoadError(f"{config_file} is not valid JSON ({err}).") from err
+    output_dir = output_dir if output_dir is not None else path.parent
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # weights_only refuses arbitrary objects with its own error types
+        raise SAELoadError(f"Could not read {path} as a plain state dict ({type(err).__name__}: {err}).") from err
+    if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
+        state = state["state_dict"]
+    if not isinstance(state, dict):
+        raise SAELoadError(f"{path} holds a {type(state).__name__}, not a state dict of tensors.")
     if "encoder.weight" in state:  # the authors' SparseAutoencoderTopK
         state = {
             "W_enc": state["encoder.weight"].T.contiguous(),
@@ -576,7 +707,10 @@ def convert_pickle_to_safetensors(path: str | Path, output_dir: str | Path, conf
             "b_enc": torch.zeros(state["encoder.weight"].shape[0]),
         }
     sae = SparseAutoencoder(config)
-    sae.load_state_dict(state, strict=False)
+    try:
+        sae.load_state_dict(state, strict=False)
+    except RuntimeError as err:  # shapes that disagree with the config
+        raise SAELoadError(f"{path} does not fit {config}: {err}") from err
     missing = set(sae.state_dict()) - set(state) - {"threshold"}
     if missing:
         raise SAELoadError(f"{path} lacks tensors {sorted(missing)} needed by {config}.")

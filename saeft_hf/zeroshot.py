@@ -27,6 +27,7 @@ from .cache import (
 )
 from .distributed import all_ranks_agree, gather_rows, is_main_process, shard_range
 from .modeling import SAEFTCLIPConfig, SAEFTCLIPForImageClassification
+from .validation import SAEFTConfigError, check_text_embeddings, check_tokenizer
 
 
 @torch.no_grad()
@@ -175,8 +176,15 @@ def from_clip(
         device / distributed / cache_path: where and how the head's text pass runs, and its cache (see
             `build_zeroshot_head`). The returned classifier stays on the CPU.
     """
+    if tokenizer is None:
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(clip_name_or_path, **hub_kwargs)
+        except (OSError, ValueError, TypeError) as err:
+            raise SAEFTConfigError(f"Could not load the tokenizer of {clip_name_or_path!r} ({type(err).__name__}: "
+                                   f"{err}). The zero-shot head needs the checkpoint's tokenizer files.") from err
+    # Before the model loads: a checkpoint without tokenizer files maps every class name to the same tokens.
+    check_tokenizer(tokenizer, classnames, repr(str(clip_name_or_path)))
     clip = CLIPModel.from_pretrained(clip_name_or_path, **hub_kwargs)
-    tokenizer = tokenizer or AutoTokenizer.from_pretrained(clip_name_or_path, **hub_kwargs)
     config = SAEFTCLIPConfig(
         vision_config=clip.config.vision_config.to_dict(),
         projection_dim=clip.config.projection_dim,
@@ -189,8 +197,9 @@ def from_clip(
     model = SAEFTCLIPForImageClassification(config)
     model.vision_model.load_state_dict(clip.vision_model.state_dict())
     model.visual_projection.load_state_dict(clip.visual_projection.state_dict())
-    build_zeroshot_head(model, clip, tokenizer, classnames, templates, progress=progress, device=device,
-                        distributed=distributed, cache_path=cache_path)
+    text = build_zeroshot_head(model, clip, tokenizer, classnames, templates, progress=progress, device=device,
+                               distributed=distributed, cache_path=cache_path)
+    check_text_embeddings(text, classnames, repr(str(clip_name_or_path)))
     return model
 
 

@@ -9,7 +9,8 @@ data level (test_data::test_corrupt_image_*, test_skip_mode_drops_and_counts_cor
 16-bit images (test_data::test_grayscale_*, test_rgba_*, test_16bit_*), labels outside the head
 (test_data::test_collator_label_range_and_shapes), a missing split
 (test_data::test_missing_split_names_available_splits) and LoRA targets that match nothing
-(test_trainer::test_errors_are_clear).
+(test_trainer::test_errors_are_clear). The checks that run before the first step (configuration, YAML types, labels,
+eval-set specs, tokenizer, SAE weights and keys) are in test_validation.py.
 """
 
 from __future__ import annotations

@@ -174,6 +174,7 @@ def test_a_malicious_pickle_is_never_executed(tmp_path):
     with pytest.raises(SAELoadError, match="The file is corrupted"):
         SparseAutoencoder.from_pretrained(sae_dir)
     # The converter is for trusted files, but even there weights_only=True refuses code.
-    with pytest.raises(pickle.UnpicklingError):
+    with pytest.raises(SAELoadError, match="as a plain state dict") as info:
         convert_pickle_to_safetensors(sae_dir / "pytorch_model.bin", tmp_path / "out", SAEConfig(d_in=4, d_sae=8, k=2))
+    assert isinstance(info.value.__cause__, pickle.UnpicklingError)
     assert not marker.exists()
