@@ -494,7 +494,6 @@ DDP_SCRIPT = textwrap.dedent("""
     except OutputDirError as err:
         report("claim", f"{type(err).__name__}: {err}")
 
-    # 2. A NaN loss on process 1 only, at step 2 (a logging step): both processes stop there with the same error.
     class NaNOnProcess1(SAEFTTrainer):
         def compute_loss(self, model, inputs, *a, **kw):
             if rank == 1 and self.state.global_step == 1:
@@ -509,6 +508,18 @@ DDP_SCRIPT = textwrap.dedent("""
         embeds = model.get_representation(px)
     sae = train_sae(embeds, SAEConfig(d_in=16, d_sae=64, k=4, source_model=clip), epochs=1, batch_size=8,
                     progress=False, seed=0).sae
+
+    # 2. Checkpoints written by two processes (each its RNG state) are published whole, and rotated.
+    from saeft_hf.checkpoints import checkpoint_problems
+    import copy
+    SAEFTTrainer(model=copy.deepcopy(model), sae=sae, train_dataset=data,
+                 args=args("ckpt", max_steps=3, save_steps=1, save_total_limit=2)).train()
+    if rank == 0:
+        out = os.path.join(work, "ckpt")
+        report("ckpt", repr({n: checkpoint_problems(os.path.join(out, n)) for n in sorted(os.listdir(out))
+                             if n.startswith(("checkpoint-", ".tmp-"))}))
+
+    # 3. A NaN loss on process 1 only, at step 2 (a logging step): both processes stop there with the same error.
     trainer = NaNOnProcess1(model=model, sae=sae, train_dataset=data,
                             args=args("nan", max_steps=4, logging_steps=2, save_strategy="no"))
     try:
@@ -535,6 +546,10 @@ def test_two_processes_fail_together_on_a_busy_dir_and_on_a_nan_of_one(tmp_path,
     claims = [(tmp_path / f"claim.rank{r}").read_text() for r in (0, 1)]
     assert claims[0] == claims[1] and claims[0].startswith("OutputDirNotEmptyError: output_dir ")
     assert "already holds another run's results (eval_results.json)" in claims[0]
+
+    assert (tmp_path / "ckpt.rank0").read_text() == "{'checkpoint-2': [], 'checkpoint-3': []}"
+    assert {p.name for p in (tmp_path / "ckpt" / "checkpoint-3").glob("rng_state*")} == {"rng_state_0.pth",
+                                                                                       "rng_state_1.pth"}
 
     errors = [(tmp_path / f"nan.rank{r}").read_text() for r in (0, 1)]
     assert errors[0] == errors[1], errors  # the same step, the same message, on both
