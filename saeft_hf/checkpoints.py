@@ -1,10 +1,10 @@
-"""Checkpoints that are complete or absent: atomic publishing, completeness checks, choosing what to resume.
+"""Checkpoints that are complete or absent: completeness checks, leftovers of killed saves, choosing what to resume.
 
 The Trainer writes `checkpoint-N` file by file in place, so a run killed (or out of disk) mid-save leaves a folder that
 looks like a checkpoint but lacks `trainer_state.json`, `scheduler.pt` or `rng_state.pth`. `SAEFTTrainer` instead
 writes each checkpoint into `.tmp-checkpoint-N/checkpoint-N`, syncs it to disk and renames it to `checkpoint-N`
-only when it is complete (`publish_dir`); a killed save leaves only the hidden `.tmp-*` folder, which nothing reads
-and the next run removes. `checkpoint_problems` tells a complete checkpoint from an incomplete one (also for
+only when it is complete (`saeft_hf.atomic.publish_dir`); a killed save leaves only the hidden `.tmp-*` folder,
+which nothing reads and the next run removes. `checkpoint_problems` tells a complete checkpoint from an incomplete one (also for
 checkpoints written by plain Trainers), and `resolve_resume_checkpoint` turns `resume_from_checkpoint` into the
 checkpoint to load: the newest complete one for `True`, saying which incomplete ones it skipped.
 
