@@ -214,7 +214,8 @@ def _check_contents(output_dir: str, *, overwrite: bool, resume: bool, result_fi
                 "pointing at one of its checkpoints; to start this run over, pass --overwrite_output_dir."
             )
         return
-    what = "the checkpoints of an unfinished run" if ckpts and FINISHED_MARKER not in results else "another run's results"
+    unfinished = ckpts and FINISHED_MARKER not in results
+    what = "the checkpoints of an unfinished run" if unfinished else "another run's results"
     fixes = "pick another --output_dir, or pass --overwrite_output_dir to replace them."
     if ckpts:
         fixes = "Resume it with --resume_from_checkpoint true (the newest complete checkpoint), " + fixes

@@ -290,7 +290,8 @@ def test_resume_takes_the_newest_complete_checkpoint_and_refuses_incomplete_ones
     with caplog.at_level(logging.WARNING, logger="saeft_hf.checkpoints"):
         assert resolve_resume_checkpoint(True, str(out)) == str(out / "checkpoint-2")
         assert resolve_resume_checkpoint("true", str(out)) == str(out / "checkpoint-2")
-    assert f"Not resuming from {out / 'checkpoint-4'}: it is incomplete (trainer_state.json is unreadable" in caplog.text
+    assert f"Not resuming from {out / 'checkpoint-4'}: it is incomplete (trainer_state.json is unreadable" \
+        in caplog.text
     assert f"Not resuming from {out / 'checkpoint-3'}: it is incomplete (no scheduler.pt)" in caplog.text
 
     with pytest.raises(ResumeError, match=r"checkpoint-3 has no scheduler.pt: it was saved without optimizer .* "
