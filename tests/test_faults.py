@@ -24,6 +24,7 @@ from pathlib import Path
 import datasets
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from helpers import CLASSNAMES, TEMPLATES, make_image_folder, make_tiny_clip
 from saeft_hf import SAEConfig, SAEFTConfig, SAEFTTrainer, train_sae
@@ -306,6 +307,18 @@ def test_resume_takes_the_newest_complete_checkpoint_and_refuses_incomplete_ones
         resolve_resume_checkpoint(True, str(out))
     with pytest.raises(ResumeError, match="does not exist"):
         resolve_resume_checkpoint(str(out / "checkpoint-9"), str(out))
+
+
+def test_resuming_from_the_last_checkpoint_trains_no_extra_step(clip_dir, tmp_path):
+    """Killed after its last checkpoint, before its final outputs: the resumed run must not step past max_steps."""
+    out = tmp_path / "run"
+    _trainer(clip_dir, out, max_steps=2).train()
+    resumed = _trainer(clip_dir, out, max_steps=2)
+    resumed.train(resume_from_checkpoint=True)
+    assert resumed.state.global_step == 2
+    assert [e["step"] for e in resumed.state.log_history if "loss" in e] == [1, 2]
+    saved = load_file(out / "checkpoint-2" / "model.safetensors")
+    assert all(torch.equal(saved[n], t.cpu()) for n, t in resumed.model.state_dict().items() if n in saved)
 
 
 @pytest.mark.parametrize("change", [
