@@ -230,10 +230,11 @@ def _model_and_sae(clip_dir):
     return model, sae
 
 
-def _trainer(clip_dir, out, **kw) -> SAEFTTrainer:
+def _trainer(clip_dir, out, eval_dataset=None, **kw) -> SAEFTTrainer:
     model, sae = _model_and_sae(clip_dir)
     kw = {"save_strategy": "steps", "save_steps": 1, **kw}
-    return SAEFTTrainer(model=model, sae=sae, train_dataset=_pixel_dataset(), args=_args(out, **kw))
+    return SAEFTTrainer(model=model, sae=sae, train_dataset=_pixel_dataset(), eval_dataset=eval_dataset,
+                        args=_args(out, **kw))
 
 
 def test_checkpoints_are_published_whole_and_rotation_still_works(clip_dir, tmp_path):
@@ -245,6 +246,21 @@ def test_checkpoints_are_published_whole_and_rotation_still_works(clip_dir, tmp_
         info = json.loads((out / name / RUN_INFO_NAME).read_text())
         assert info["regularizer"] == "sae_ft" and info["global_batch_size"] == 4 and info["world_size"] == 1
         assert (out / name / "sae" / "model.safetensors").is_file()
+
+
+def test_best_model_tracking_sees_published_checkpoints(clip_dir, tmp_path):
+    """load_best_model_at_end records (and keeps through rotation) the published path, never the staging one."""
+    out = tmp_path / "run"
+    trainer = _trainer(clip_dir, out, max_steps=3, eval_strategy="steps", eval_steps=1, save_total_limit=1,
+                       load_best_model_at_end=True, metric_for_best_model="eval_loss", per_device_eval_batch_size=8,
+                       eval_dataset=_pixel_dataset(8))
+    trainer.train()
+    best = trainer.state.best_model_checkpoint
+    assert best is not None and os.path.dirname(best) == str(out) and os.path.isdir(best)
+    for path in out.glob("checkpoint-*"):
+        state = json.loads((path / "trainer_state.json").read_text())
+        assert ".tmp-" not in str(state["best_model_checkpoint"]), state["best_model_checkpoint"]
+    assert not list(out.glob(".tmp-*"))
 
 
 @pytest.mark.parametrize("failure", [
