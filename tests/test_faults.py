@@ -160,6 +160,8 @@ def test_resuming_a_finished_run_says_it_is_finished(tmp_path):
     for name in ("eval_results.json", "model.safetensors", "trainer_state.json"):
         (out / name).write_text("{}")
     (out / "checkpoint-3").mkdir()
+    claim_output_dir(out, resume=True).release()  # no card yet: killed between the results and the card
+    (out / "README.md").write_text("# run")
     with pytest.raises(OutputDirNotEmptyError, match="holds a finished run .*nothing to resume"):
         _run_saeft_nothing_to_load(out, resume_from_checkpoint="true")
     # Passing the finished run's folder itself as the checkpoint is refused too (no optimizer state in it).
@@ -469,7 +471,7 @@ def test_sigkill_at_random_points_always_resumes_to_the_same_weights(tmp_path, c
     rng = random.Random(14)
     kills = []
     for attempt in range(6):
-        if (out / "eval_results.json").is_file():  # the last kill came after the run had finished
+        if (out / "README.md").is_file():  # the last kill came after the run had finished
             break
         before = steps_seen()
         run = Run(args(resumable()), tmp_path / f"attempt{attempt}.out")
@@ -487,7 +489,7 @@ def test_sigkill_at_random_points_always_resumes_to_the_same_weights(tmp_path, c
         run.process.join(30)
         kills.append(f"attempt {attempt}: +{delay:.2f} s, at step {steps_seen()}")
         _all_checkpoints_complete(out)  # a kill never leaves a checkpoint-N that is not whole
-    if not (out / "eval_results.json").is_file():
+    if not (out / "README.md").is_file():
         Run(args(resumable()), tmp_path / "last.out").finish()
     _all_checkpoints_complete(out)
     assert not list(out.glob(".tmp-*")) and not list(out.glob(".old-*"))
