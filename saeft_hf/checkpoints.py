@@ -1,12 +1,12 @@
-"""Checkpoints that are complete or absent: atomic publishing, completeness checks, choosing what to resume.
+"""Checkpoints that are complete or absent: completeness checks, leftovers of killed saves, choosing what to resume.
 
 The Trainer writes `checkpoint-N` file by file in place, so a run killed (or out of disk) mid-save leaves a folder that
 looks like a checkpoint but lacks `trainer_state.json`, `scheduler.pt` or `rng_state.pth`. `SAEFTTrainer` instead
 writes each checkpoint into `.tmp-checkpoint-N/checkpoint-N`, syncs it to disk and renames it to `checkpoint-N`
-only when it is complete (`publish_dir`); a killed save leaves only the hidden `.tmp-*` folder, which nothing reads
-and the next run removes. `checkpoint_problems` tells a complete checkpoint from an incomplete one (also for
-checkpoints written by plain Trainers), and `resolve_resume_checkpoint` turns `resume_from_checkpoint` into the
-checkpoint to load: the newest complete one for `True`, saying which incomplete ones it skipped.
+only when it is complete (`saeft_hf.atomic.publish_dir`); a killed save leaves only the hidden `.tmp-*` folder,
+which nothing reads and the next run removes. `checkpoint_problems` tells a complete checkpoint from an incomplete
+one (also for checkpoints written by plain Trainers), and `resolve_resume_checkpoint` turns `resume_from_checkpoint`
+into the checkpoint to load: the newest complete one for `True`, saying which incomplete ones it skipped.
 
 Each checkpoint also records what it was trained with (`saeft_checkpoint.json`: model, representation, regulariser,
 SAE, global batch, ...), so that resuming a run with other settings is refused instead of silently mixing two runs.
@@ -116,7 +116,8 @@ def _describe_incomplete(checkpoint: str, problems: list[str]) -> str:
                                         and names.intersection(WEIGHT_FILES)):
         return (f"{checkpoint} is the output directory of a run (its final model), not a checkpoint: it has no "
                 "optimizer or scheduler state to resume. Pass one of its checkpoint-N folders")
-    others = [p for p in problems if p not in ("no optimizer.pt", "no scheduler.pt") and not p.startswith("no rng_state")]
+    states = ("no optimizer.pt", "no scheduler.pt")
+    others = [p for p in problems if p not in states and not p.startswith("no rng_state")]
     if not others and ("no optimizer.pt" in problems or "no scheduler.pt" in problems):
         return (f"{checkpoint} has {', '.join(problems)}: it was saved without optimizer and scheduler state "
                 "(save_only_model=True?) or its save was interrupted; resuming from it would silently restart the "
@@ -186,8 +187,8 @@ def check_run_matches(checkpoint: str, current: Mapping[str, Any]) -> None:
     """
     saved = read_run_info(checkpoint)
     if saved is None:
-        logger.warning("%s records no saeft-hf run settings (an older or a plain Trainer checkpoint): cannot check that "
-                       "it belongs to this run's model, regulariser and batch.", checkpoint)
+        logger.warning("%s records no saeft-hf run settings (an older or a plain Trainer checkpoint): cannot check "
+                       "that it belongs to this run's model, regulariser and batch.", checkpoint)
         return
     differences = [
         f"{label}: checkpoint {saved.get(key)!r}, this run {current.get(key)!r}"

@@ -38,7 +38,9 @@ RUN_RESULT_FILES = (
     "model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "adapter_model.safetensors",
     "adapter_model.bin", "trainer_state.json", "eval_results.json",
 )
-FINISHED_MARKER = "eval_results.json"  # written last by run_saeft: its presence means the run finished
+# run_saeft writes the results, then the card, last: with both there, the run finished (a run killed between the two
+# is resumed, which writes them again).
+FINISHED_MARKERS = ("eval_results.json", "README.md")
 
 
 class OutputDirError(RuntimeError):
@@ -207,14 +209,15 @@ def _check_contents(output_dir: str, *, overwrite: bool, resume: bool, result_fi
             os.remove(os.path.join(output_dir, name))
         return
     if resume:
-        if FINISHED_MARKER in results:
+        if all(os.path.isfile(os.path.join(output_dir, name)) for name in FINISHED_MARKERS):
             raise OutputDirNotEmptyError(
-                f"output_dir {output_dir!r} holds a finished run ({FINISHED_MARKER} is written): there is nothing to "
+                f"output_dir {output_dir!r} holds a finished run (its eval_results.json and card are written): there is nothing to "
                 "resume. To train it further, start a new run with another --output_dir and --resume_from_checkpoint "
                 "pointing at one of its checkpoints; to start this run over, pass --overwrite_output_dir."
             )
         return
-    what = "the checkpoints of an unfinished run" if ckpts and FINISHED_MARKER not in results else "another run's results"
+    unfinished = ckpts and "eval_results.json" not in results
+    what = "the checkpoints of an unfinished run" if unfinished else "another run's results"
     fixes = "pick another --output_dir, or pass --overwrite_output_dir to replace them."
     if ckpts:
         fixes = "Resume it with --resume_from_checkpoint true (the newest complete checkpoint), " + fixes

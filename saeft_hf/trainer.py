@@ -387,6 +387,15 @@ class SAEFTTrainer(Trainer):
             check_run_matches(resume_from_checkpoint, self.run_info())
         return super().train(resume_from_checkpoint=resume_from_checkpoint, trial=trial, **kwargs)
 
+    def _run_epoch(self, *args: Any, **kwargs: Any) -> None:
+        # Resumed from a checkpoint that already reached max_steps (a run killed after its last checkpoint, before
+        # its final outputs), the Trainer's loop would still run one more step before checking (transformers 5.24):
+        # stop before it, so the resumed run ends with the uninterrupted run's weights.
+        if self.state.max_steps > 0 and self.state.global_step >= self.state.max_steps:
+            self.control.should_training_stop = True
+            return
+        super()._run_epoch(*args, **kwargs)
+
     def _get_output_dir(self, trial: Any) -> str:
         # While a checkpoint is being saved, the Trainer's code writes under the staging folder (see below).
         return self._staging_root if self._staging_root is not None else super()._get_output_dir(trial)

@@ -24,6 +24,7 @@ from pathlib import Path
 import datasets
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from helpers import CLASSNAMES, TEMPLATES, make_image_folder, make_tiny_clip
 from saeft_hf import SAEConfig, SAEFTConfig, SAEFTTrainer, train_sae
@@ -159,6 +160,8 @@ def test_resuming_a_finished_run_says_it_is_finished(tmp_path):
     for name in ("eval_results.json", "model.safetensors", "trainer_state.json"):
         (out / name).write_text("{}")
     (out / "checkpoint-3").mkdir()
+    claim_output_dir(out, resume=True).release()  # no card yet: killed between the results and the card
+    (out / "README.md").write_text("# run")
     with pytest.raises(OutputDirNotEmptyError, match="holds a finished run .*nothing to resume"):
         _run_saeft_nothing_to_load(out, resume_from_checkpoint="true")
     # Passing the finished run's folder itself as the checkpoint is refused too (no optimizer state in it).
@@ -229,10 +232,11 @@ def _model_and_sae(clip_dir):
     return model, sae
 
 
-def _trainer(clip_dir, out, **kw) -> SAEFTTrainer:
+def _trainer(clip_dir, out, eval_dataset=None, **kw) -> SAEFTTrainer:
     model, sae = _model_and_sae(clip_dir)
     kw = {"save_strategy": "steps", "save_steps": 1, **kw}
-    return SAEFTTrainer(model=model, sae=sae, train_dataset=_pixel_dataset(), args=_args(out, **kw))
+    return SAEFTTrainer(model=model, sae=sae, train_dataset=_pixel_dataset(), eval_dataset=eval_dataset,
+                        args=_args(out, **kw))
 
 
 def test_checkpoints_are_published_whole_and_rotation_still_works(clip_dir, tmp_path):
@@ -244,6 +248,21 @@ def test_checkpoints_are_published_whole_and_rotation_still_works(clip_dir, tmp_
         info = json.loads((out / name / RUN_INFO_NAME).read_text())
         assert info["regularizer"] == "sae_ft" and info["global_batch_size"] == 4 and info["world_size"] == 1
         assert (out / name / "sae" / "model.safetensors").is_file()
+
+
+def test_best_model_tracking_sees_published_checkpoints(clip_dir, tmp_path):
+    """load_best_model_at_end records (and keeps through rotation) the published path, never the staging one."""
+    out = tmp_path / "run"
+    trainer = _trainer(clip_dir, out, max_steps=3, eval_strategy="steps", eval_steps=1, save_total_limit=1,
+                       load_best_model_at_end=True, metric_for_best_model="eval_loss", per_device_eval_batch_size=8,
+                       eval_dataset=_pixel_dataset(8))
+    trainer.train()
+    best = trainer.state.best_model_checkpoint
+    assert best is not None and os.path.dirname(best) == str(out) and os.path.isdir(best)
+    for path in out.glob("checkpoint-*"):
+        state = json.loads((path / "trainer_state.json").read_text())
+        assert ".tmp-" not in str(state["best_model_checkpoint"]), state["best_model_checkpoint"]
+    assert not list(out.glob(".tmp-*"))
 
 
 @pytest.mark.parametrize("failure", [
@@ -290,7 +309,8 @@ def test_resume_takes_the_newest_complete_checkpoint_and_refuses_incomplete_ones
     with caplog.at_level(logging.WARNING, logger="saeft_hf.checkpoints"):
         assert resolve_resume_checkpoint(True, str(out)) == str(out / "checkpoint-2")
         assert resolve_resume_checkpoint("true", str(out)) == str(out / "checkpoint-2")
-    assert f"Not resuming from {out / 'checkpoint-4'}: it is incomplete (trainer_state.json is unreadable" in caplog.text
+    assert f"Not resuming from {out / 'checkpoint-4'}: it is incomplete (trainer_state.json is unreadable" \
+        in caplog.text
     assert f"Not resuming from {out / 'checkpoint-3'}: it is incomplete (no scheduler.pt)" in caplog.text
 
     with pytest.raises(ResumeError, match=r"checkpoint-3 has no scheduler.pt: it was saved without optimizer .* "
@@ -305,6 +325,18 @@ def test_resume_takes_the_newest_complete_checkpoint_and_refuses_incomplete_ones
         resolve_resume_checkpoint(True, str(out))
     with pytest.raises(ResumeError, match="does not exist"):
         resolve_resume_checkpoint(str(out / "checkpoint-9"), str(out))
+
+
+def test_resuming_from_the_last_checkpoint_trains_no_extra_step(clip_dir, tmp_path):
+    """Killed after its last checkpoint, before its final outputs: the resumed run must not step past max_steps."""
+    out = tmp_path / "run"
+    _trainer(clip_dir, out, max_steps=2).train()
+    resumed = _trainer(clip_dir, out, max_steps=2)
+    resumed.train(resume_from_checkpoint=True)
+    assert resumed.state.global_step == 2
+    assert [e["step"] for e in resumed.state.log_history if "loss" in e] == [1, 2]
+    saved = load_file(out / "checkpoint-2" / "model.safetensors")
+    assert all(torch.equal(saved[n], t.cpu()) for n, t in resumed.model.state_dict().items() if n in saved)
 
 
 @pytest.mark.parametrize("change", [
@@ -439,6 +471,8 @@ def test_sigkill_at_random_points_always_resumes_to_the_same_weights(tmp_path, c
     rng = random.Random(14)
     kills = []
     for attempt in range(6):
+        if (out / "README.md").is_file():  # the last kill came after the run had finished
+            break
         before = steps_seen()
         run = Run(args(resumable()), tmp_path / f"attempt{attempt}.out")
         if attempt % 2:
@@ -455,7 +489,7 @@ def test_sigkill_at_random_points_always_resumes_to_the_same_weights(tmp_path, c
         run.process.join(30)
         kills.append(f"attempt {attempt}: +{delay:.2f} s, at step {steps_seen()}")
         _all_checkpoints_complete(out)  # a kill never leaves a checkpoint-N that is not whole
-    if not (out / "eval_results.json").is_file():
+    if not (out / "README.md").is_file():
         Run(args(resumable()), tmp_path / "last.out").finish()
     _all_checkpoints_complete(out)
     assert not list(out.glob(".tmp-*")) and not list(out.glob(".old-*"))
@@ -494,7 +528,6 @@ DDP_SCRIPT = textwrap.dedent("""
     except OutputDirError as err:
         report("claim", f"{type(err).__name__}: {err}")
 
-    # 2. A NaN loss on process 1 only, at step 2 (a logging step): both processes stop there with the same error.
     class NaNOnProcess1(SAEFTTrainer):
         def compute_loss(self, model, inputs, *a, **kw):
             if rank == 1 and self.state.global_step == 1:
@@ -509,6 +542,18 @@ DDP_SCRIPT = textwrap.dedent("""
         embeds = model.get_representation(px)
     sae = train_sae(embeds, SAEConfig(d_in=16, d_sae=64, k=4, source_model=clip), epochs=1, batch_size=8,
                     progress=False, seed=0).sae
+
+    # 2. Checkpoints written by two processes (each its RNG state) are published whole, and rotated.
+    from saeft_hf.checkpoints import checkpoint_problems
+    import copy
+    SAEFTTrainer(model=copy.deepcopy(model), sae=sae, train_dataset=data,
+                 args=args("ckpt", max_steps=3, save_steps=1, save_total_limit=2)).train()
+    if rank == 0:
+        out = os.path.join(work, "ckpt")
+        report("ckpt", repr({n: checkpoint_problems(os.path.join(out, n)) for n in sorted(os.listdir(out))
+                             if n.startswith(("checkpoint-", ".tmp-"))}))
+
+    # 3. A NaN loss on process 1 only, at step 2 (a logging step): both processes stop there with the same error.
     trainer = NaNOnProcess1(model=model, sae=sae, train_dataset=data,
                             args=args("nan", max_steps=4, logging_steps=2, save_strategy="no"))
     try:
@@ -535,6 +580,10 @@ def test_two_processes_fail_together_on_a_busy_dir_and_on_a_nan_of_one(tmp_path,
     claims = [(tmp_path / f"claim.rank{r}").read_text() for r in (0, 1)]
     assert claims[0] == claims[1] and claims[0].startswith("OutputDirNotEmptyError: output_dir ")
     assert "already holds another run's results (eval_results.json)" in claims[0]
+
+    assert (tmp_path / "ckpt.rank0").read_text() == "{'checkpoint-2': [], 'checkpoint-3': []}"
+    assert {p.name for p in (tmp_path / "ckpt" / "checkpoint-3").glob("rng_state*")} == {"rng_state_0.pth",
+                                                                                       "rng_state_1.pth"}
 
     errors = [(tmp_path / f"nan.rank{r}").read_text() for r in (0, 1)]
     assert errors[0] == errors[1], errors  # the same step, the same message, on both
