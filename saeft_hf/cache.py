@@ -101,6 +101,25 @@ def dataset_fingerprint(dataset: Any) -> str | None:
     return None
 
 
+def _stable_description(value: Any) -> Any:
+    """A stream source's kwargs in a form that is the same in every process: local files by path, size and mtime;
+    in-memory shards (`to_iterable_dataset`) by their fingerprint; other objects (e.g. the open archive iterators
+    beside a webdataset's `tar_paths`) by their type only, never by a repr that holds a memory address."""
+    if isinstance(value, Mapping):
+        return {str(k): _stable_description(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_stable_description(v) for v in value]
+    if isinstance(value, str):
+        if os.path.isfile(value):
+            stat = os.stat(value)
+            return [value, stat.st_size, stat.st_mtime_ns]
+        return value
+    if value is None or isinstance(value, (int, float, bool)):
+        return value
+    fingerprint = getattr(value, "_fingerprint", None)
+    return fingerprint if isinstance(fingerprint, str) else f"<{type(value).__name__}>"
+
+
 def _describe_examples_iterable(it: Any, depth: int = 0) -> Any:
     """A JSON-able description of a stream's example-iterable chain (datasets internals, read defensively)."""
     if it is None or depth > 50:
@@ -112,10 +131,7 @@ def _describe_examples_iterable(it: Any, depth: int = 0) -> Any:
         simple["rng"] = generator.bit_generator.state  # the shuffle seed, as a state
     kwargs = getattr(it, "kwargs", None)
     if kwargs is not None:
-        # Data files / URLs; in-memory shards (`to_iterable_dataset`) by their fingerprint; anything else by its str
-        # (an object address then changes every run: never reused, never stale).
-        simple["source"] = _digest(json.dumps(kwargs, sort_keys=True,
-                                              default=lambda o: getattr(o, "_fingerprint", None) or str(o)))
+        simple["source"] = _digest(json.dumps(_stable_description(kwargs), sort_keys=True))
     children = [getattr(it, "ex_iterable", None), *(getattr(it, "ex_iterables", None) or [])]
     return {"type": type(it).__name__, **simple,
             "children": [_describe_examples_iterable(c, depth + 1) for c in children if c is not None]}
