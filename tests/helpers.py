@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import socket
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -73,3 +75,12 @@ def make_image_folder(root: Path, *, per_class: int = 6, size: int = 36, seed: i
             pixels = np.clip(base + rng.normal(0, 40, (size, size, 3)) + 30 * (label // 3), 0, 255).astype(np.uint8)
             Image.fromarray(pixels).save(root / name / f"{i}.png")
     return root
+
+
+def torchrun(nproc: int = 2) -> list[str]:
+    """The start of a `torchrun --nproc_per_node N` command on a free port (other suites may run torchrun on this
+    machine at the same time, so a fixed port can collide)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_port", str(port)]

@@ -14,9 +14,7 @@ import os
 import random
 import shutil
 import signal
-import socket
 import subprocess
-import sys
 import textwrap
 import time
 from pathlib import Path
@@ -26,7 +24,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from helpers import CLASSNAMES, TEMPLATES, make_image_folder, make_tiny_clip
+from helpers import CLASSNAMES, TEMPLATES, make_image_folder, make_tiny_clip, torchrun
 from saeft_hf import SAEConfig, SAEFTConfig, SAEFTTrainer, train_sae
 from saeft_hf.checkpoints import (
     RUN_INFO_NAME,
@@ -569,10 +567,7 @@ def test_two_processes_fail_together_on_a_busy_dir_and_on_a_nan_of_one(tmp_path,
     (tmp_path / "busy").mkdir()
     (tmp_path / "busy" / "eval_results.json").write_text("{}")
     (tmp_path / "ddp.py").write_text(DDP_SCRIPT)
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port),
+    cmd = [*torchrun(2),
            str(tmp_path / "ddp.py"), str(clip_dir), str(tmp_path)]
     proc = subprocess.run(cmd, capture_output=True, text=True, env=ENV, timeout=240)  # a hang fails here
     assert proc.returncode != 0

@@ -10,7 +10,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from helpers import make_image_folder, make_tiny_clip
+from helpers import make_image_folder, make_tiny_clip, torchrun
 
 ROOT = Path(__file__).resolve().parents[1]
 WNIDS = (ROOT / "saeft_hf" / "resources" / "imagenet_wnids.txt").read_text().split()[:4]
@@ -102,7 +102,7 @@ def test_two_process_cpu_run(workspace):
     """torchrun with 2 gloo ranks completes; only rank 0 writes the outputs."""
     tmp, clip = workspace
     out = tmp / "ddp"
-    cmd_prefix = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29533"]
+    cmd_prefix = torchrun(2)
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TQDM_DISABLE": "1", "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
     cmd = cmd_prefix + [
         str(ROOT / "recipes" / "imagenet.py"), "--model_name_or_path", str(clip), "--train_dir", str(tmp / "train"),

@@ -27,7 +27,6 @@ import multiprocessing
 import os
 import runpy
 import signal
-import socket
 import subprocess
 import sys
 import textwrap
@@ -38,7 +37,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from helpers import make_image_folder, make_tiny_clip
+from helpers import make_image_folder, make_tiny_clip, torchrun
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPE = ROOT / "recipes" / "imagenet.py"
@@ -244,10 +243,7 @@ def test_two_processes_follow_the_one_process_loss_trajectory(workspace):
         ref_out = tmp / "full-uninterrupted"
         Run(recipe_args(tmp, clip, ref_out, *VARIANTS["full"], "--save_strategy", "no"), tmp / "full-ref.out").finish()
     out, log = tmp / "ddp", tmp / "ddp.log"
-    with socket.socket() as sock:  # a free port: other suites may run torchrun on this machine at the same time
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port),
+    cmd = [*torchrun(2),
            str(tmp / "spy.py"), *recipe_args(tmp, clip, out, "--per_device_train_batch_size", "4",
                                              "--save_strategy", "no", "--ddp_backend", "gloo")]
     finish(start(cmd, SAEFT_TEST_CALLS_LOG=str(log)))

@@ -17,7 +17,6 @@ import json
 import logging
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import tarfile
@@ -25,12 +24,11 @@ import textwrap
 from pathlib import Path
 
 import datasets
-import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
 
-from helpers import make_image_folder, make_tiny_clip
+from helpers import make_image_folder, make_tiny_clip, torchrun
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPE = ROOT / "recipes" / "imagenet.py"
@@ -123,10 +121,7 @@ class Workspace:
 
     def torchrun(self, name: str, *argv: str) -> Path:
         out = self.root / name
-        with socket.socket() as sock:  # a free port: other suites may run torchrun on this machine at the same time
-            sock.bind(("127.0.0.1", 0))
-            port = sock.getsockname()[1]
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port),
+        cmd = [*torchrun(2),
                str(self.root / "spy.py"), str(RECIPE), *argv, "--output_dir", str(out)]
         env = {**os.environ, "HF_HUB_OFFLINE": "1", "TQDM_DISABLE": "1", "PYTHONPATH": str(ROOT),
                "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false",
@@ -325,7 +320,7 @@ def test_a_stream_gets_per_rank_reading_and_needs_a_length(tiny, tmp_path, caplo
     args = config(tmp_path, regularizer="none", num_train_examples=8, per_device_train_batch_size=2,
                   num_train_epochs=3, dataloader_num_workers=2)
     with caplog.at_level(logging.WARNING, logger="saeft_hf.trainer"):
-        trainer = SAEFTTrainer(model=tiny, args=args, train_dataset=stream)
+        SAEFTTrainer(model=tiny, args=args, train_dataset=stream)
     assert "1 shard(s) for 1 process(es) x 2 dataloader worker(s)" in caplog.text and "idle" in caplog.text
     assert args.accelerator_config.dispatch_batches is False  # each rank reads its own shards
     assert args.max_steps == 12  # 3 epochs of floor(8 / 2) steps

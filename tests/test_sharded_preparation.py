@@ -11,9 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import os
-import socket
 import subprocess
-import sys
 import textwrap
 from pathlib import Path
 from unittest import mock
@@ -25,7 +23,7 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
-from helpers import TEMPLATES, make_tiny_clip
+from helpers import TEMPLATES, make_tiny_clip, torchrun
 from saeft_hf.cache import cache_dir, load_cached_tensors, save_cached_tensors
 from saeft_hf.data import BorderCrop, transforms_from_pretrained, with_image_transform
 from saeft_hf.distributed import shard_range
@@ -84,12 +82,6 @@ WORKER = textwrap.dedent("""
 """)
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def image_dataset(n: int, seed: int = 0) -> datasets.Dataset:
     rng = np.random.default_rng(seed)
     images = [Image.fromarray(rng.integers(0, 256, (36, 40, 3), dtype=np.uint8)) for _ in range(n)]
@@ -120,7 +112,7 @@ def test_two_processes_encode_half_each_and_gather_the_one_process_result(worksp
     out.mkdir()
     (tmp / "worker.py").write_text(WORKER)
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TQDM_DISABLE": "1", "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
+    cmd = [*torchrun(2),
            str(tmp / "worker.py"), str(clip), str(tmp / "data"), str(out), json.dumps(CLASSES5), json.dumps(TEMPLATES)]
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
     assert proc.returncode == 0, proc.stderr[-4000:]
@@ -284,7 +276,7 @@ def test_train_sae_recipe_under_torchrun_matches_one_process(workspace):
     make_image_folder(tmp / "folder", per_class=7, names=["a", "b", "c"])  # 21 images: uneven shards
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TQDM_DISABLE": "1", "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
     flags = ["--sae_epochs", "3", "--sae_batch_size", "8", "--sae_k", "4", "--embedding_batch_size", "4"]
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
+    cmd = [*torchrun(2),
            str(ROOT / "recipes" / "train_sae.py"), "--model_name_or_path", str(clip), "--train_dir",
            str(tmp / "folder"), "--output_dir", str(tmp / "sae2"), "--dataloader_num_workers", "0", "--use_cpu", *flags]
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
