@@ -17,7 +17,6 @@ import json
 import logging
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import tarfile
@@ -122,10 +121,9 @@ class Workspace:
 
     def torchrun(self, name: str, *argv: str) -> Path:
         out = self.root / name
-        with socket.socket() as sock:  # a free port: other suites may run torchrun on this machine at the same time
-            sock.bind(("127.0.0.1", 0))
-            port = sock.getsockname()[1]
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port),
+        # --standalone: torchrun takes a free port itself (other suites may run torchrun here at the same time; a
+        # port probed free here could be taken before torchrun binds it).
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                str(self.root / "spy.py"), str(RECIPE), *argv, "--output_dir", str(out)]
         env = {**os.environ, "HF_HUB_OFFLINE": "1", "TQDM_DISABLE": "1", "PYTHONPATH": str(ROOT),
                "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false",
