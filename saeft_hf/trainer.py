@@ -138,13 +138,15 @@ class SAEFTTrainer(Trainer):
 
         Accelerate's default for an IterableDataset is to read it on rank 0 and dispatch slices to the others, so one
         host's workers decode for every GPU. `dispatch_batches=False` makes it shard the stream by rank
-        (`IterableDataset.shard`), and DataLoader workers split each rank's shards further.
+        (`IterableDataset.shard`, once: a rank keeps its shards, whose order and examples each epoch reshuffles), and
+        DataLoader workers split each rank's shards further.
 
         With `num_train_examples`, an epoch is `stream_steps_per_epoch()` optimizer steps: the Trainer then numbers
         epochs right, calls `set_epoch` (a seeded reshuffle) at each, and on resume skips to the exact batch of the
         exact epoch. The stream is repeated without end so that every rank has that many batches even when its shards
         hold slightly fewer examples than an even split (a rank short of data starts its pass over, like the padding
-        of a DistributedSampler); the Trainer stops each epoch after its steps.
+        of a DistributedSampler); the Trainer stops each epoch after its steps. Resuming inside an epoch reads and
+        drops that epoch's batches up to the checkpoint: exact, for the cost of decoding them again.
         """
         if args.accelerator_config.dispatch_batches is None:
             args.accelerator_config.dispatch_batches = False
@@ -171,7 +173,9 @@ class SAEFTTrainer(Trainer):
         args.max_steps = args.stream_max_steps()
         return stream.repeat(None)
 
-    def set_initial_training_values(self, args: Any, dataloader: Any) -> tuple[int, int, int, int, int, int | None, int]:
+    def set_initial_training_values(
+        self, args: Any, dataloader: Any
+    ) -> tuple[int, int, int, int, int, int | None, int]:
         """The Trainer's epoch/step bookkeeping, plus epochs of known length for a stream with `num_train_examples`."""
         if self._stream_steps_per_epoch is None:
             values = super().set_initial_training_values(args, dataloader)
@@ -183,7 +187,7 @@ class SAEFTTrainer(Trainer):
                       max_steps * total_batch, total_batch, steps_per_epoch * args.gradient_accumulation_steps,
                       max_steps)
         if self.is_world_process_zero():
-            num_epochs, steps_per_epoch, _, _, total_batch, _, max_steps = values
+            _, steps_per_epoch, _, _, total_batch, _, max_steps = values
             logger.info(
                 "Training plan: global batch %d = %d per device x %d process(es) x %d accumulation step(s); "
                 "%d optimizer steps per epoch; %d total steps (%s epochs).",

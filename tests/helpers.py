@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import socket
 import sys
 from pathlib import Path
 
@@ -78,9 +77,7 @@ def make_image_folder(root: Path, *, per_class: int = 6, size: int = 36, seed: i
 
 
 def torchrun(nproc: int = 2) -> list[str]:
-    """The start of a `torchrun --nproc_per_node N` command on a free port (other suites may run torchrun on this
-    machine at the same time, so a fixed port can collide)."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_port", str(port)]
+    """The start of a `torchrun --nproc_per_node N` command. `--standalone` makes torchrun pick a free rendezvous
+    port itself: other suites may run torchrun on this machine at the same time, and a port probed free here could
+    be taken before torchrun binds it."""
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc)]

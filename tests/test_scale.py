@@ -208,7 +208,7 @@ def test_streamed_shards_every_rank_decodes_its_own_and_epochs_are_counted(ws):
     assert set(first_pass["0"]) | set(first_pass["1"]) == set(ws.keys)
     assert {k.split("_")[0] for k in first_pass["0"]}.isdisjoint({k.split("_")[0] for k in first_pass["1"]})
     # No rank decodes for the other: 2 epochs of 24, plus at most one look-ahead batch per epoch (accelerate reads
-    # one batch ahead to detect the end). Dispatching from rank 0 would have rank 0 decode all 96 + and rank 1 none.
+    # one batch ahead to detect the end). Dispatching from rank 0 (accelerate's default for streams) decodes all there.
     for keys in decoded.values():
         assert 2 * per_rank_epoch <= len(keys) <= 2 * (per_rank_epoch + 4)
 
