@@ -36,11 +36,11 @@ from saeft_hf.evaluation import (  # noqa: E402
     objectnet_class_groups,
     objectnet_folders,
     project_logits,
-    results_to_json,
     scale_lora,
+    select_alpha,
     shift_averages,
+    subsample,
     wise_ft,
-    wise_ft_sweep,
 )
 
 REPO = Path(__file__).resolve().parents[1]
@@ -155,8 +155,12 @@ def test_evaluate_accuracy_matches_manual_computation() -> None:
     acc = evaluate_accuracy(model, ds, tf, batch_size=4, progress=False)
     assert acc == pytest.approx(expected) and model.training
     assert evaluate_accuracy(model, ds.to_iterable_dataset(), tf, batch_size=5, progress=False) == pytest.approx(acc)
-    first5 = manual_accuracy(model.eval(), ds.select(range(5)), tf)
-    assert evaluate_accuracy(model, ds, tf, max_samples=5, progress=False) == pytest.approx(first5)
+    some = subsample(ds, 5, seed=3)
+    paths = [im["path"] for im in some["image"][:]]
+    assert len(set(paths)) == 5 and paths == sorted(paths, key=lambda p: int(p[3:-4]))  # original order kept
+    assert paths != [f"img{i}.png" for i in range(5)]  # random rows, not the first five
+    assert [im["path"] for im in subsample(ds, 5, seed=3)["image"][:]] == paths  # seeded
+    assert evaluate_accuracy(model, some, tf, progress=False) == pytest.approx(manual_accuracy(model.eval(), some, tf))
 
 
 def test_evaluate_accuracy_with_subset_and_grouped_specs() -> None:
@@ -172,7 +176,7 @@ def test_evaluate_accuracy_with_subset_and_grouped_specs() -> None:
     results = evaluate_sets(model, {"sub": (ds, subset), "grp": (ds, grouped)}, tf, batch_size=4, progress=False)
     assert results["grp"] == pytest.approx(expected)
     bad = png_dataset(3, num_labels=1, seed=3).map(lambda ex: {"label": 7})
-    with pytest.raises(ValueError, match="Label 7 is outside"):
+    with pytest.raises(ValueError, match="label 7 is outside"):
         evaluate_accuracy(model, bad, tf, spec=subset, progress=False)
 
 
@@ -294,46 +298,8 @@ def test_scale_lora_rejects_merged_adapters() -> None:
             pass
 
 
-def test_wise_ft_sweep_selects_on_the_given_set() -> None:
-    pre, ft = tiny_vit(4, seed=0), tiny_vit(4, seed=1)
-    w0, w1 = pre.classifier.weight.detach().clone(), ft.classifier.weight.detach().clone()
-
-    def evaluate_fn(model: torch.nn.Module) -> dict[str, float]:
-        w = model.classifier.weight.detach()
-        # "val" peaks at alpha 0.25, "shift" at 0.75: the sweep must follow select_on only.
-        return {"val": -float((w - torch.lerp(w0, w1, 0.25)).norm()),
-                "shift": -float((w - torch.lerp(w0, w1, 0.75)).norm())}
-
-    alphas = [0.0, 0.25, 0.5, 0.75, 1.0]
-    result = wise_ft_sweep(pre, ft, alphas, evaluate_fn, select_on="val")
-    assert isinstance(result, WiseFTResult) and result.alphas == alphas and len(result.results) == 5
-    assert result.best_alpha == 0.25 and result.best_results == result.results[1]
-    assert wise_ft_sweep(pre, ft, alphas, evaluate_fn, select_on="shift").best_alpha == 0.75
-    assert torch.equal(ft.classifier.weight, w1)
-    with pytest.raises(ValueError, match="select_on='nope'"):
-        wise_ft_sweep(pre, ft, [0.5], evaluate_fn, select_on="nope")
-
-    reference, peft_model = _lora_model(False)
-    x = torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(1))
-    with torch.no_grad(), scale_lora(peft_model, 0.5):
-        target = peft_model(pixel_values=x).logits
-
-    def lora_eval(model: torch.nn.Module) -> dict[str, float]:
-        with torch.no_grad():
-            return {"val": -float((model(pixel_values=x).logits - target).abs().max())}
-
-    assert wise_ft_sweep(None, peft_model, [0.0, 0.5, 1.0], lora_eval, select_on="val").best_alpha == 0.5
-
-
-def test_results_to_json_is_atomic_and_serialises(tmp_path: Path) -> None:
-    path = tmp_path / "out" / "results.json"
-    sweep = WiseFTResult(alphas=[0.0, 1.0], results=[{"val": 0.5}, {"val": 0.6}], best_alpha=1.0, select_on="val")
-    results_to_json(path, {"imagenet": np.float32(0.75), "sweep": sweep}, extra={"model": "tiny", "seed": 0})
-    data = json.loads(path.read_text())
-    assert data["model"] == "tiny" and data["results"]["imagenet"] == 0.75
-    assert data["results"]["sweep"]["best_alpha"] == 1.0
-    results_to_json(path, {"imagenet": 0.8})
-    assert json.loads(path.read_text()) == {"results": {"imagenet": 0.8}}
-    assert sorted(p.name for p in path.parent.iterdir()) == ["results.json"]  # no temp files left
-    with pytest.raises(ValueError, match="'results'"):
-        results_to_json(path, {}, extra={"results": 1})
+def test_select_alpha_ties_and_nan() -> None:
+    assert select_alpha([0.0, 0.5, 1.0], [0.2, 0.4, 0.4]) == 0.5  # ties go to the first
+    assert select_alpha([0.0, 0.5], [float("nan"), 0.1]) == 0.5
+    with pytest.raises(ValueError):
+        select_alpha([0.0], [0.1, 0.2])
