@@ -57,7 +57,7 @@ def holdout_split(dataset: AnyDataset, holdout: float, seed: int) -> tuple[AnyDa
                          "use a fraction in (0, 1) or fewer images.")
     perm = np.random.default_rng(seed).permutation(n_total)
     held, kept = np.sort(perm[:n]), np.sort(perm[n:])
-    description = (f"{n} images held out of the {n_total} training images at random (seed {seed}) before training; "
+    description = (f"{n} of the {n_total} training images held out at random (seed {seed}) before training; "
                    "they are not used for training and not reported")
     return dataset.select(kept.tolist()), dataset.select(held.tolist()), description
 
@@ -320,7 +320,8 @@ def process_info() -> tuple[int, int, torch.device]:
     and the default accelerator device in a plain ``python`` run); initialises the process group when launched."""
     from accelerate import PartialState
 
-    state = PartialState()
+    # Without an accelerator accelerate needs cpu=True to form a (gloo) process group under torchrun.
+    state = PartialState(cpu=not torch.accelerator.is_available())
     return state.process_index, state.num_processes, state.device
 
 
