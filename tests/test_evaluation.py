@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import copy
 import io
-import json
 import os
 from pathlib import Path
 
@@ -22,7 +21,12 @@ from saeft_hf.data import BorderCrop, CLIPImageTransform  # noqa: E402
 from saeft_hf.evaluation import (  # noqa: E402
     IMAGENET_TEMPLATES,
     EvalSetSpec,
-    WiseFTResult,
+    PixelSet,
+    count_correct,
+    evaluate_model,
+    holdout_split,
+    shard_dataset,
+    shard_range,
     default_imagenet_eval_specs,
     evaluate_accuracy,
     evaluate_sets,
@@ -303,3 +307,125 @@ def test_select_alpha_ties_and_nan() -> None:
     assert select_alpha([0.0, 0.5], [float("nan"), 0.1]) == 0.5
     with pytest.raises(ValueError):
         select_alpha([0.0], [0.1, 0.2])
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Exact sharded counting, decode-once sweeps, honest selection, fp32 evaluation
+# ------------------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("n", [0, 1, 2, 7, 25, 31])
+@pytest.mark.parametrize("world", [1, 2, 3, 8])
+def test_shards_partition_exactly(n: int, world: int) -> None:
+    shards = [shard_range(n, r, world) for r in range(world)]
+    assert [i for s in shards for i in s] == list(range(n))  # every index once, in order, no padding
+    assert max(len(s) for s in shards) - min(len(s) for s in shards) <= 1
+
+
+def test_uneven_shards_sum_to_the_full_counts() -> None:
+    model = tiny_vit(num_labels=4, seed=3)
+    ds = png_dataset(31, num_labels=4, seed=4)
+    tf = CLIPImageTransform(16, MEAN3, STD3, train=False)
+    sets = {"a": (ds, None), "b": (ds.to_iterable_dataset(num_shards=3), None)}
+    full = count_correct({"m": model}, sets, tf, batch_size=4, progress=False)
+    assert full["a"]["m"].total == full["b"]["m"].total == 31
+    assert full["a"]["m"].correct == round(manual_accuracy(model, ds, tf) * 31)
+    for world in (2, 3, 4):
+        parts = [count_correct({"m": model}, {name: (shard_dataset(d, r, world), s) for name, (d, s) in sets.items()},
+                               tf, batch_size=4, progress=False) for r in range(world)]
+        for name in sets:
+            assert sum(p[name]["m"].total for p in parts) == 31
+            assert sum(p[name]["m"].correct for p in parts) == full[name]["m"].correct
+
+
+class CountingTransform:
+    """The eval transform, counting its calls (one per decoded image)."""
+
+    def __init__(self) -> None:
+        self.tf = CLIPImageTransform(16, MEAN3, STD3, train=False)
+        self.calls = 0
+
+    def __call__(self, image):
+        self.calls += 1
+        return self.tf(image)
+
+
+@pytest.mark.parametrize("lora", [False, True])
+def test_wise_ft_sweep_decodes_once_and_equals_per_alpha_evaluation(lora: bool) -> None:
+    if lora:
+        pre, ft = None, _lora_model(False)[1]
+    else:
+        pre, ft = tiny_vit(4, seed=0), tiny_vit(4, seed=1)
+    sets = {"val": (png_dataset(13, 4, seed=5), None), "shift": (png_dataset(9, 4, seed=6), None)}
+    holdout = {"held": (png_dataset(7, 4, seed=7), None)}
+    alphas = [0.0, 0.3, 0.7, 1.0]
+    tf = CountingTransform()
+    report = evaluate_model(ft, sets, tf, id_name="val", shift_names=["shift"], pretrained=pre,
+                            wise_ft_alphas=alphas, holdout_sets=holdout, selection="test data", batch_size=4)
+    assert tf.calls == 13 + 9 + 7  # each image decoded once for all four alphas
+    assert report.num_examples == {"val": 13, "shift": 9, "held": 7}
+    for alpha, result in zip(alphas, report.wise_ft.results):
+        model = wise_ft(pre, ft, alpha)
+        expected = evaluate_sets(model, {**sets, **holdout}, tf.tf, batch_size=5, progress=False)
+        assert result == pytest.approx({**expected, "id": expected["val"], "avg_shift": expected["shift"],
+                                        "num_shifts": 1.0})
+    assert report.wise_ft.select_on == "held" and report.wise_ft.selection == "test data"
+    held = [r["held"] for r in report.wise_ft.results]
+    assert report.wise_ft.best_alpha == alphas[held.index(max(held))]
+    assert report.final == {k: v for k, v in report.wise_ft.results[-1].items() if k != "held"}
+    # The chosen model is a plain model equal to wise_ft at the chosen alpha.
+    chosen = report.wise_ft_model
+    x = torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(chosen(pixel_values=x).logits,
+                                   wise_ft(pre, ft, report.wise_ft.best_alpha)(pixel_values=x).logits)
+
+
+def test_selection_never_on_a_reported_id_set() -> None:
+    pre, ft = tiny_vit(4, seed=0), tiny_vit(4, seed=1)
+    sets = {"val": (png_dataset(5, 4), None)}
+    tf = CLIPImageTransform(16, MEAN3, STD3, train=False)
+    with pytest.raises(ValueError, match="needs held-out ID data"):
+        evaluate_model(ft, sets, tf, id_name="val", pretrained=pre, wise_ft_alphas=[0.0, 1.0])
+    with pytest.raises(ValueError, match="reported ID set"):
+        evaluate_model(ft, sets, tf, id_name="val", pretrained=pre, wise_ft_alphas=[0.0, 1.0], select_on="val")
+
+
+def test_holdout_split_is_seeded_disjoint_and_removed() -> None:
+    ds = png_dataset(50, 4).map(lambda ex, i: {"row": i}, with_indices=True)
+    train, held, description = holdout_split(ds, 0.1, seed=3)
+    assert len(held) == 5 and len(train) == 45 and "seed 3" in description
+    assert sorted(train["row"][:] + held["row"][:]) == list(range(50))
+    assert held["row"][:] != list(range(5)) and holdout_split(ds, 0.1, seed=3)[1]["row"][:] == held["row"][:]
+    assert len(holdout_split(ds, 7, seed=0)[1]) == 7
+    with pytest.raises(ValueError, match="leaves no training images"):
+        holdout_split(ds, 50, seed=0)
+    with pytest.raises(ValueError, match="streaming"):
+        holdout_split(ds.to_iterable_dataset(), 0.1, seed=0)
+
+
+def test_evaluation_is_fp32_after_mixed_precision_prepare() -> None:
+    """accelerate's bf16 prepare wraps forward in autocast; evaluate_model scores the weights in fp32 anyway."""
+    from accelerate import Accelerator
+
+    model = tiny_vit(4, seed=8)
+    clean = copy.deepcopy(model)
+    prepared = Accelerator(cpu=True, mixed_precision="bf16").prepare_model(model)
+    x = torch.randn(4, 3, 16, 16, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        assert prepared(pixel_values=x).logits.dtype == torch.float32  # converted back, but computed in bf16
+        assert not torch.equal(prepared(pixel_values=x).logits, clean(pixel_values=x).logits)
+    sets = {"s": (PixelSet(x, torch.tensor([0, 1, 2, 3])), None)}
+    logits = {}
+
+    def record(module, args, kwargs, output):
+        logits["last"] = output.logits
+
+    clean.register_forward_hook(record, with_kwargs=True)
+    evaluate_model(clean, sets, None)
+    expected = logits["last"]
+    model.register_forward_hook(record, with_kwargs=True)
+    report = evaluate_model(prepared, sets, None)
+    assert torch.equal(logits["last"], expected) and report.precision == "fp32"
+    evaluate_model(prepared, sets, None, bf16=True)
+    assert not torch.equal(logits["last"], expected)  # bf16 on request

@@ -245,7 +245,8 @@ def evaluate_model(
         process_index / num_processes: this rank and the world size; every rank scores its shard, the counts are
             summed exactly (all ranks must call this together).
 
-    Every batch is decoded once and scored by the fine-tuned model and every alpha's model.
+    Every batch is decoded once and scored by the fine-tuned model and every alpha's model. A model prepared by
+    accelerate with mixed precision loses its autocast wrapper here (in place), so it is scored in fp32.
     """
     model = _unwrap(model)
     if device is not None:
