@@ -158,7 +158,7 @@ def run_digit_experiment(cfg: DigitExperimentConfig) -> dict[str, Any]:
         t0 = time.time()
         accs = evaluate_sets(model, eval_sets, None, batch_size=512, progress=False)
         timing["eval_s"] += time.time() - t0
-        return {**accs, **shift_averages(accs, "validation", list(SHIFT_SPLITS))}
+        return {**accs, **shift_averages(accs, ID_TEST_SPLIT, list(SHIFT_SPLITS))}
 
     pretrained = from_clip(clip_path, CLASSNAMES, TEMPLATES, progress=False)
     t0 = time.time()
@@ -197,7 +197,7 @@ def run_digit_experiment(cfg: DigitExperimentConfig) -> dict[str, Any]:
             result = run_saeft(
                 model_args, args, train_dataset=finetune, eval_dataset=None, classnames=CLASSNAMES,
                 templates=TEMPLATES, sae=sae, model=copy.deepcopy(pretrained),
-                eval_sets=eval_sets, id_name="validation", shift_names=list(SHIFT_SPLITS),
+                eval_sets=eval_sets, id_name=ID_TEST_SPLIT, shift_names=list(SHIFT_SPLITS),
                 wise_ft_alphas=list(WISE_ALPHAS) if wise else None,
                 # The validation split is held-out ID data that no table reports: it chooses alpha.
                 wise_ft_select_on="validation" if wise else None,

@@ -151,7 +151,16 @@ def load_for_evaluation(
         config = base.config
 
         def pretrained() -> nn.Module | None:
-            theta0 = SAEFTCLIPForImageClassification.from_pretrained(source, config=config, dtype=torch.float32)
+            from transformers.utils import logging as hf_logging
+
+            # The source is a CLIPModel checkpoint: its text tower is expected to go unused, and the head (missing
+            # there) is the initial head, written next; transformers' load report about both is noise here.
+            verbosity = hf_logging.get_verbosity()
+            hf_logging.set_verbosity_error()
+            try:
+                theta0 = SAEFTCLIPForImageClassification.from_pretrained(source, config=config, dtype=torch.float32)
+            finally:
+                hf_logging.set_verbosity(verbosity)
             load_initial_head(theta0, path)
             return theta0
 
