@@ -74,16 +74,16 @@ def _eval_table(results: Mapping[str, Any], wise_ft: Mapping[str, Any] | None) -
     header = ["set", "fine-tuned"] + ([f"WiSE-FT (alpha {wise_ft['best_alpha']:g})"] if best else [])
     header += [f"{name} (paper)" for name in refs]
 
-    def cell(values: Mapping[str, Any] | None, key: str, scale: float = 100.0) -> str:
+    def cell(values: Mapping[str, Any] | None, key: str, scale: float = 100.0, digits: int = 2) -> str:
         value = (values or {}).get(key)
-        return "" if value is None else f"{scale * float(value):.2f}"
+        return "" if value is None else f"{scale * float(value):.{digits}f}"
 
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for key in rows:
         label = PRETTY_NAMES.get(key, key) if key != "avg_shift" else (
             "Avg-5 (shifts)" if num_shifts == 5 else f"shift average ({num_shifts} sets)")
         row = [label, cell(results, key)] + ([cell(best, key)] if best else [])
-        row += [cell(PAPER_REFERENCE[name], key, 1.0) if key != "avg_shift" or num_shifts == 5 else ""
+        row += [cell(PAPER_REFERENCE[name], key, 1.0, 1) if key != "avg_shift" or num_shifts == 5 else ""
                 for name in refs]
         lines.append("| " + " | ".join(row) + " |")
     notes = ["Top-1 accuracy (%)."]

@@ -357,8 +357,15 @@ def run_saeft(
         # Per-image crops keyed on (seed, epoch, image): a resumed or multi-process run sees the same augmentation.
         callbacks=[SetEpochCallback(train_transform)],
     )
-    if wise_ft_alphas and trainer.is_fsdp_enabled:
-        raise ValueError(_FSDP_WISE_FT)
+    if trainer.is_fsdp_enabled:
+        if wise_ft_alphas:
+            raise ValueError(_FSDP_WISE_FT)
+        state_dict_type = str(getattr(trainer.accelerator.state.fsdp_plugin, "state_dict_type", ""))
+        if eval_sets and "FULL_STATE_DICT" not in state_dict_type:
+            # The evaluation loads the saved model: a sharded checkpoint would fail only after training.
+            raise ValueError(f"FSDP with fsdp_state_dict_type {state_dict_type or 'unset'} saves a sharded model "
+                             "that the evaluation cannot load: set fsdp_state_dict_type: FULL_STATE_DICT (as in "
+                             "accelerate_configs/fsdp2.yaml), or drop --eval_sets_config and evaluate later.")
     trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
     train_time = time.time() - start
     trainer.save_model(output_dir)

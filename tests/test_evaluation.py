@@ -429,3 +429,23 @@ def test_evaluation_is_fp32_after_mixed_precision_prepare() -> None:
     assert torch.equal(logits["last"], expected) and report.precision == "fp32"
     evaluate_model(prepared, sets, None, bf16=True)
     assert not torch.equal(logits["last"], expected)  # bf16 on request
+
+
+def test_model_card_shows_fine_tuned_and_wise_ft_with_paper_numbers() -> None:
+    from saeft_hf.hub import build_model_card
+
+    names = ["imagenet", "imagenetv2", "imagenet_r", "imagenet_sketch", "objectnet", "imagenet_a"]
+    final = {n: 0.5 + 0.01 * i for i, n in enumerate(names)}
+    final.update(shift_averages(final))
+    better = {k: v + 0.1 for k, v in final.items()}
+    sweep = {"alphas": [0.0, 0.5, 1.0], "results": [final, better, final], "best_alpha": 0.5,
+             "select_on": "train_holdout", "selection": "12811 held-out training images"}
+    card = str(build_model_card(model_name="m", base_model="openai/clip-vit-base-patch16", results=final,
+                                wise_ft=sweep))
+    table = card[card.index("## Evaluation"):card.index("## Training")]
+    assert "| set | fine-tuned | WiSE-FT (alpha 0.5) | zero-shot (paper) | FT (paper) | WiSE-FT (paper) |" in table
+    assert f"| Avg-5 (shifts) | {100 * final['avg_shift']:.2f} | {100 * better['avg_shift']:.2f} | 58.4 | 53.7 | 60.6 |" in table
+    assert "`train_holdout` (12811 held-out training images)" in table
+    assert 'subfolder="wise_ft"' in card
+    # Summary keys are not datasets in the model-index.
+    assert "dataset_type: num_shifts" not in card and "dataset_type: id\n" not in card
