@@ -287,7 +287,7 @@ def run_saeft(
     it). Several processes: only the main process trains and saves the SAE (the others load it) and writes the
     results and the card, and pushes.
     """
-    start = time.time()
+    start, start_cpu = time.time(), time.process_time()
     output_dir = training_args.output_dir
     if wise_ft_alphas and training_args.fsdp:
         raise ValueError(_FSDP_WISE_FT)
@@ -367,7 +367,7 @@ def run_saeft(
                              "that the evaluation cannot load: set fsdp_state_dict_type: FULL_STATE_DICT (as in "
                              "accelerate_configs/fsdp2.yaml), or drop --eval_sets_config and evaluate later.")
     trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
-    train_time = time.time() - start
+    train_time, train_cpu = time.time() - start, time.process_time() - start_cpu
     trainer.save_model(output_dir)
     trainer.save_state()
     if training_args.use_lora and trainer.is_world_process_zero():
@@ -376,7 +376,7 @@ def run_saeft(
     results: dict[str, Any] = {}
     if eval_dataset is not None:
         results["trainer_eval"] = trainer.evaluate()
-    eval_start = time.time()
+    eval_start, eval_cpu = time.time(), time.process_time()
     report = None
     if eval_sets or holdout_sets:
         report = _evaluate_saved_run(
@@ -386,7 +386,9 @@ def run_saeft(
             skip_corrupt_images=skip_corrupt_images,
         )
         results.update(report.to_dict())
-    results["timing"] = {"train_s": round(train_time, 1), "eval_s": round(time.time() - eval_start, 1)}
+    # Wall seconds, and CPU seconds of this process (all threads; steadier than wall time on a shared machine).
+    results["timing"] = {"train_s": round(train_time, 1), "eval_s": round(time.time() - eval_start, 1),
+                         "train_cpu_s": round(train_cpu, 1), "eval_cpu_s": round(time.process_time() - eval_cpu, 1)}
     results["wall_time_s"] = round(time.time() - start, 1)
 
     if trainer.is_world_process_zero():

@@ -8,11 +8,12 @@ later evaluation of the saved run are the same computation.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
 import os
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -84,6 +85,24 @@ class LoadedModel:
         return self._pretrained()
 
 
+@contextlib.contextmanager
+def _quiet_loading(report: bool) -> Iterator[None]:
+    """No weight-loading progress bars; with ``report=False`` also no load report. Loading our classifier from a
+    CLIPModel checkpoint leaves the text tower unused and the head to fill, by construction: that report is noise."""
+    from transformers.utils import logging as hf_logging
+
+    verbosity, bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    if not report:
+        hf_logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(verbosity)
+        if bars:
+            hf_logging.enable_progress_bar()
+
+
 def _local_dir(name_or_path: str, token: str | bool | None) -> str:
     if os.path.isdir(name_or_path):
         return name_or_path
@@ -127,8 +146,9 @@ def load_for_evaluation(
 
             return LoadedModel(model=model, path=path, base_model=name_or_path, is_adapter=False, kind="clip",
                                _pretrained=zero_shot)
-    model = load_classifier(path, dtype=torch.float32)
     is_adapter = os.path.isfile(os.path.join(path, "adapter_config.json"))
+    with _quiet_loading(report=not is_adapter):  # an adapter's base comes from the CLIP checkpoint
+        model = load_classifier(path, dtype=torch.float32)
     base = model.get_base_model() if is_adapter else model
     source = base.config.source_model
     has_head = os.path.isfile(os.path.join(path, INITIAL_HEAD_FILE))
@@ -151,16 +171,8 @@ def load_for_evaluation(
         config = base.config
 
         def pretrained() -> nn.Module | None:
-            from transformers.utils import logging as hf_logging
-
-            # The source is a CLIPModel checkpoint: its text tower is expected to go unused, and the head (missing
-            # there) is the initial head, written next; transformers' load report about both is noise here.
-            verbosity = hf_logging.get_verbosity()
-            hf_logging.set_verbosity_error()
-            try:
+            with _quiet_loading(report=False):  # the source is a CLIPModel checkpoint; the head is written next
                 theta0 = SAEFTCLIPForImageClassification.from_pretrained(source, config=config, dtype=torch.float32)
-            finally:
-                hf_logging.set_verbosity(verbosity)
             load_initial_head(theta0, path)
             return theta0
 
