@@ -253,6 +253,7 @@ def run_saeft(
     wise_ft_alphas: Sequence[float] | None = None,
     wise_ft_select_on: str | None = None,
     wise_ft_holdout: float = 0.01,
+    wise_ft_known: Mapping[float, Mapping[str, float]] | None = None,
     eval_batch_size: int = 256,
     eval_bf16: bool = False,
     max_eval_samples: int | None = None,
@@ -277,6 +278,8 @@ def run_saeft(
         wise_ft_select_on: the set that chooses alpha (a `role: holdout` set, or held-out data by the caller's
             word). None: `wise_ft_holdout` training images (>= 1: a count, < 1: a fraction) are held out at random
             (seed `training_args.seed`) before anything trains, and choose alpha.
+        wise_ft_known: accuracies already measured on these eval sets for some alphas (e.g. {0.0: the zero-shot
+            model's, measured once for many runs}); they are not scored again.
         eval_bf16: evaluate under bf16 autocast (default fp32, whatever the training precision).
         skip_corrupt_images: skip (and log) undecodable images in the SAE, linear-probe, training and eval passes.
         model: a ready classifier (skips `build_model`).
@@ -381,7 +384,7 @@ def run_saeft(
     if eval_sets or holdout_sets:
         report = _evaluate_saved_run(
             trainer, eval_sets or {}, holdout_sets, id_name=id_name, shift_names=shift_names,
-            wise_ft_alphas=wise_ft_alphas, select_on=wise_ft_select_on, selection=selection,
+            wise_ft_alphas=wise_ft_alphas, select_on=wise_ft_select_on, selection=selection, known=wise_ft_known,
             batch_size=eval_batch_size, bf16=eval_bf16, max_samples=max_eval_samples,
             skip_corrupt_images=skip_corrupt_images,
         )

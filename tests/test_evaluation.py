@@ -449,3 +449,19 @@ def test_model_card_shows_fine_tuned_and_wise_ft_with_paper_numbers() -> None:
     assert 'subfolder="wise_ft"' in card
     # Summary keys are not datasets in the model-index.
     assert "dataset_type: num_shifts" not in card and "dataset_type: id\n" not in card
+
+
+def test_known_alphas_are_not_scored_again() -> None:
+    pre, ft = tiny_vit(4, seed=0), tiny_vit(4, seed=1)
+    sets = {"val": (png_dataset(6, 4, seed=5), None), "shift": (png_dataset(5, 4, seed=6), None)}
+    holdout = {"held": (png_dataset(4, 4, seed=7), None)}
+    tf = CLIPImageTransform(16, MEAN3, STD3, train=False)
+    known = {0.0: {"val": 0.125, "shift": 0.25, "held": 2.0}}  # impossible accuracies: they must come from `known`
+    report = evaluate_model(ft, sets, tf, id_name="val", shift_names=["shift"], pretrained=pre,
+                            wise_ft_alphas=[0.0, 1.0], holdout_sets=holdout, known=known)
+    assert report.wise_ft.results[0] == {"val": 0.125, "shift": 0.25, "held": 2.0, "id": 0.125, "avg_shift": 0.25,
+                                         "num_shifts": 1.0}
+    assert report.wise_ft.best_alpha == 0.0
+    with pytest.raises(ValueError, match="lack the sets"):
+        evaluate_model(ft, sets, tf, pretrained=pre, wise_ft_alphas=[0.0, 1.0], holdout_sets=holdout,
+                       known={0.0: {"val": 0.5}})

@@ -203,6 +203,7 @@ def run_digit_experiment(cfg: DigitExperimentConfig) -> dict[str, Any]:
                 wise_ft_alphas=list(WISE_ALPHAS) if wise else None,
                 # The validation split is held-out ID data that no table reports: it chooses alpha.
                 wise_ft_select_on="validation" if wise else None,
+                wise_ft_known={0.0: zeroshot_accs},  # alpha 0 is the zero-shot model, scored once above
                 eval_batch_size=512,
                 max_eval_samples=cfg.max_eval_samples,
             )

@@ -239,6 +239,7 @@ def evaluate_model(
     holdout_sets: Mapping[str, tuple[AnyDataset, EvalSetSpec | None]] | None = None,
     select_on: str | None = None,
     selection: str = "",
+    known: Mapping[float, Mapping[str, float]] | None = None,
     batch_size: int = 256,
     num_workers: int = 0,
     bf16: bool = False,
@@ -260,6 +261,8 @@ def evaluate_model(
         select_on: the set that chooses alpha: a ``holdout_sets`` name (default when there is exactly one) or a
             reported set (then it is held-out data by the caller's word, e.g. the demo's validation split).
         selection: how the selection data was obtained, in words (recorded with the sweep and on the card).
+        known: accuracies already measured for some alphas other than 1 on these very sets (e.g. alpha 0 = the
+            zero-shot model, scored once for many runs); those alphas are not scored again.
         bf16: score under bf16 autocast (default fp32, whatever precision the model trained in).
         max_samples: a seeded random subset (``seed``) of each reported set.
         device: where to score (the models are moved there); default: where the model is.
@@ -290,10 +293,15 @@ def evaluate_model(
         if pretrained is not None:
             pretrained = _unwrap(pretrained).to(next(model.parameters()).device)
         alphas = [float(a) for a in wise_ft_alphas or ()]
-        variants: dict[float, Any] = wise_ft_variants(pretrained, model, alphas)
+        known = {float(a): dict(m) for a, m in (known or {}).items() if float(a) in alphas and float(a) != 1.0}
+        for alpha, values in known.items():
+            missing = sorted((set(sets) | set(holdout_sets)) - set(values))
+            if missing:
+                raise ValueError(f"known results for alpha {alpha} lack the sets {missing}.")
+        variants: dict[float, Any] = {a: v for a, v in wise_ft_variants(pretrained, model, alphas).items()
+                                      if a not in known}
     else:
-        alphas = []
-        variants = {}
+        alphas, known, variants = [], {}, {}
     variants.setdefault(1.0, model)  # alpha 1 is the fine-tuned model: the "final" numbers
     reported = {name: (subsample(ds, max_samples, seed), spec) for name, (ds, spec) in sets.items()}
     scored = {**reported, **(holdout_sets if sweep else {})}
@@ -301,16 +309,20 @@ def evaluate_model(
                            autocast_dtype=torch.bfloat16 if bf16 else None, skip_corrupt_images=skip_corrupt_images,
                            process_index=process_index, num_processes=num_processes, progress=progress)
 
+    def accuracies(alpha: float, names: Sequence[str]) -> dict[str, float]:
+        if alpha in known:
+            return {name: float(known[alpha][name]) for name in names}
+        return {name: counts[name][alpha].accuracy for name in names}
+
     def metrics(alpha: float, names: Sequence[str]) -> dict[str, float]:
-        accs = {name: counts[name][alpha].accuracy for name in names}
+        accs = accuracies(alpha, names)
         return {**accs, **shift_averages(accs, id_name, [n for n in shift_names if n in accs])}
 
     final = metrics(1.0, list(reported))
     num_examples = {name: counts[name][1.0].total for name in scored}
     report = EvalReport(final=final, num_examples=num_examples, precision="bf16" if bf16 else "fp32")
     if sweep:
-        results = [{**metrics(a, list(reported)), **{h: counts[h][a].accuracy for h in holdout_sets}}
-                   for a in alphas]
+        results = [{**metrics(a, list(reported)), **accuracies(a, list(holdout_sets))} for a in alphas]
         best = select_alpha(alphas, [r[select_on] for r in results])
         report.wise_ft = WiseFTResult(alphas=alphas, results=results, best_alpha=best, select_on=str(select_on),
                                       selection=selection)
