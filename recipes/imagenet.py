@@ -83,7 +83,19 @@ class DataArguments:
         default=None, metadata={"help": "YAML list of shift sets to evaluate (see recipes/configs/imagenet_eval_sets.yaml)."}
     )
     wise_ft_alphas: list[float] | None = field(
-        default=None, metadata={"help": "WiSE-FT mixing weights to sweep after training (alpha chosen on ID validation)."}
+        default=None, metadata={"help": "WiSE-FT mixing weights to sweep after training; the chosen model is saved in "
+                                        "OUTPUT_DIR/wise_ft/."}
+    )
+    wise_ft_holdout: float = field(
+        default=0.01, metadata={"help": "Training images held out (at random, seed --seed) to choose the WiSE-FT "
+                                        "alpha: a count (>= 1) or a fraction (< 1). Never a reported set."}
+    )
+    wise_ft_select_on: str | None = field(
+        default=None, metadata={"help": "Choose the WiSE-FT alpha on this eval set instead (e.g. a `role: holdout` "
+                                        "set of the --eval_sets_config); no training images are held out then."}
+    )
+    eval_bf16: bool = field(
+        default=False, metadata={"help": "Evaluate under bf16 autocast (default: fp32, whatever --bf16 says)."}
     )
 
 
@@ -166,13 +178,15 @@ def main(argv: list[str]) -> None:
         specs = [s for s in load_eval_specs_checked(data_args.eval_sets_config, len(classnames))
                  if s.role != "id" or validation is None]
         eval_sets.update(load_eval_sets(specs))
-        shift_names = [s.name for s in specs if s.role != "id"]
+        shift_names = [s.name for s in specs if s.role == "shift"]  # `other` and `holdout` sets are in no average
         id_name = next((s.name for s in specs if s.role == "id"), id_name)
 
     result = run_saeft(
         model_args, training_args, train_dataset=train, eval_dataset=validation, classnames=classnames,
         templates=templates, eval_sets=eval_sets, id_name=id_name, shift_names=shift_names,
-        wise_ft_alphas=data_args.wise_ft_alphas, eval_batch_size=training_args.per_device_eval_batch_size,
+        wise_ft_alphas=data_args.wise_ft_alphas, wise_ft_holdout=data_args.wise_ft_holdout,
+        wise_ft_select_on=data_args.wise_ft_select_on, eval_bf16=data_args.eval_bf16,
+        eval_batch_size=training_args.per_device_eval_batch_size,
         max_eval_samples=data_args.max_eval_samples, skip_corrupt_images=data_args.skip_corrupt_images,
         dataset_id=data_args.dataset_name,
     )

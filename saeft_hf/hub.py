@@ -46,6 +46,58 @@ PRETTY_NAMES = {
 }
 
 
+# Published CLIP ViT-B/16 numbers (top-1 %, METHOD.md section 6), shown beside a run's own for reference only.
+PAPER_REFERENCE = {
+    "zero-shot": {"imagenet": 68.3, "imagenetv2": 61.9, "imagenet_r": 77.7, "imagenet_a": 50.0,
+                  "imagenet_sketch": 48.3, "objectnet": 54.2, "avg_shift": 58.4},
+    "FT": {"imagenet": 81.3, "imagenetv2": 70.6, "imagenet_r": 65.6, "imagenet_a": 36.6, "imagenet_sketch": 45.1,
+           "objectnet": 50.5, "avg_shift": 53.7},
+    "WiSE-FT": {"imagenet": 82.5, "imagenetv2": 73.1, "imagenet_r": 75.1, "imagenet_a": 47.6,
+                "imagenet_sketch": 51.6, "objectnet": 55.7, "avg_shift": 60.6},
+}
+# Summary entries of a results mapping that are not eval sets.
+_SUMMARY_KEYS = ("id", "avg_shift", "avg_shift_no_objectnet", "num_shifts")
+
+
+def _eval_table(results: Mapping[str, Any], wise_ft: Mapping[str, Any] | None) -> str:
+    """Fine-tuned (and WiSE-FT) top-1 per set and the shift average, with the published ViT-B/16 numbers when the
+    sets are ImageNet's (Avg-5 only when all five shifts were evaluated)."""
+    sets = [k for k, v in results.items() if k not in _SUMMARY_KEYS and isinstance(v, (int, float))]
+    if not sets:
+        return "Not recorded."
+    best = None
+    if wise_ft:
+        best = wise_ft["results"][wise_ft["alphas"].index(wise_ft["best_alpha"])]
+    rows = list(sets)
+    num_shifts = int(results.get("num_shifts", 0))
+    if "avg_shift" in results:
+        rows.append("avg_shift")
+    refs = [name for name, ref in PAPER_REFERENCE.items() if set(sets) <= set(ref)]
+    header = ["set", "fine-tuned"] + ([f"WiSE-FT (alpha {wise_ft['best_alpha']:g})"] if best else [])
+    header += [f"{name} (paper)" for name in refs]
+
+    def cell(values: Mapping[str, Any] | None, key: str, scale: float = 100.0, digits: int = 2) -> str:
+        value = (values or {}).get(key)
+        return "" if value is None else f"{scale * float(value):.{digits}f}"
+
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for key in rows:
+        label = PRETTY_NAMES.get(key, key) if key != "avg_shift" else (
+            "Avg-5 (shifts)" if num_shifts == 5 else f"shift average ({num_shifts} sets)")
+        row = [label, cell(results, key)] + ([cell(best, key)] if best else [])
+        row += [cell(PAPER_REFERENCE[name], key, 1.0, 1) if key != "avg_shift" or num_shifts == 5 else ""
+                for name in refs]
+        lines.append("| " + " | ".join(row) + " |")
+    notes = ["Top-1 accuracy (%)."]
+    if best:
+        notes.append(f"WiSE-FT alpha chosen on `{wise_ft['select_on']}`"
+                     + (f" ({wise_ft['selection']})" if wise_ft.get("selection") else "")
+                     + ", never on a reported set; the model at that alpha is in the `wise_ft/` folder.")
+    if refs:
+        notes.append("Paper columns: published CLIP ViT-B/16 numbers (WiSE-FT lineage), for reference only.")
+    return "\n".join(lines) + "\n\n" + " ".join(notes)
+
+
 def _redact(text: str, token: str | None = None) -> str:
     """Remove anything that looks like a Hugging Face token, and the given token whatever its form."""
     if token:
@@ -67,13 +119,17 @@ def build_model_card(
     model_name: str,
     base_model: str | None,
     results: Mapping[str, float] | None = None,
+    wise_ft: Any = None,
     hyperparameters: Mapping[str, Any] | None = None,
     dataset_id: str | None = None,
     is_adapter: bool = False,
     repo_id: str | None = None,
 ) -> ModelCard:
-    """A card with `model-index` evaluation results (accuracies in [0, 1], reported in percent)."""
+    """A card with `model-index` evaluation results (accuracies in [0, 1], reported in percent) and a table of the
+    fine-tuned and (with `wise_ft`, a `WiseFTResult` or its dict) the chosen WiSE-FT model's numbers."""
     results = dict(results or {})
+    if wise_ft is not None and not isinstance(wise_ft, Mapping):
+        wise_ft = wise_ft.to_dict()
     eval_results = [
         EvalResult(
             task_type="image-classification",
@@ -83,7 +139,7 @@ def build_model_card(
             metric_value=round(100 * value, 2),
         )
         for name, value in results.items()
-        if isinstance(value, float) and not name.startswith("avg")
+        if isinstance(value, float) and name not in _SUMMARY_KEYS and not name.startswith("avg")
     ]
     card_data = ModelCardData(
         library_name="peft" if is_adapter else "transformers",
@@ -107,14 +163,19 @@ def build_model_card(
             "from transformers import AutoModelForImageClassification\n"
             f"model = AutoModelForImageClassification.from_pretrained(\"{target}\")"
         )
-    pct = {PRETTY_NAMES.get(k, k): round(100 * v, 2) for k, v in results.items() if isinstance(v, float)}
+    if wise_ft:
+        usage += (
+            ("\nimport saeft_hf\nfrom transformers import AutoModelForImageClassification" if is_adapter else "")
+            + f"\n# WiSE-FT at alpha {wise_ft['best_alpha']:g} (a full model):\n"
+            f"wise = AutoModelForImageClassification.from_pretrained(\"{target}\", subfolder=\"wise_ft\")"
+        )
     return ModelCard.from_template(
         card_data,
         template_str=CARD_TEMPLATE,
         model_name=model_name,
         summary=f"A CLIP image classifier fine-tuned from `{base_model}` with saeft-hf"
         f"{' (LoRA adapter)' if is_adapter else ''}.",
-        eval_table=_table(pct, ("set", "top-1 (%)")),
+        eval_table=_eval_table(results, wise_ft),
         training_table=_table(dict(hyperparameters or {}), ("hyper-parameter", "value")),
         usage=usage,
     )

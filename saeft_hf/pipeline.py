@@ -6,7 +6,6 @@ benchmark run the same code path.
 
 from __future__ import annotations
 
-import copy
 import json
 import logging
 import os
@@ -34,7 +33,14 @@ from .data import (
 from .cache import cache_dir, dataset_fingerprint, embedding_cache_key
 from .distributed import all_ranks_agree, is_main_process
 from .embeddings import add_reference_embeddings, compute_embeddings
-from .evaluation import evaluate_sets, shift_averages, wise_ft_sweep
+from .evaluation import (
+    evaluate_model,
+    holdout_split,
+    load_for_evaluation,
+    save_initial_head,
+    save_wise_ft_model,
+)
+from .evaluation.runner import HOLDOUT_NAME, transform_for
 from .hub import push_run_to_hub, save_results, write_model_card
 from .lora import add_lora, save_base_config
 from .run_dir import claims_output_dir
@@ -336,6 +342,32 @@ def add_cached_reference(model: Any, dataset: Any, eval_transform: Callable[[Any
                                     progress=False, distributed=training_args.world_size > 1)
 
 
+_FSDP_WISE_FT = (
+    "WiSE-FT after FSDP training is not supported in the training run (it is untested with sharded weights). "
+    "Train without --wise_ft_alphas, then sweep on the saved model: `torchrun --nproc_per_node N "
+    "recipes/evaluate.py --model_name_or_path OUTPUT_DIR --eval_sets_config E.yaml --wise_ft_alphas ...` "
+    "(it loads the full model from OUTPUT_DIR; save with fsdp_state_dict_type: FULL_STATE_DICT)."
+)
+
+
+def _evaluate_saved_run(trainer: SAEFTTrainer, eval_sets: Mapping[str, tuple[Any, Any]],
+                        holdout_sets: Mapping[str, tuple[Any, Any]], **kwargs: Any) -> Any:
+    """Evaluate what `output_dir` holds, loaded afresh on every rank exactly as `recipes/evaluate.py` loads it (so
+    the numbers agree, in fp32 whatever the training precision), sharded over the ranks."""
+    args = trainer.args
+    trainer.accelerator.wait_for_everyone()  # rank 0 has written the model (and the adapter's base config)
+    loaded = load_for_evaluation(args.output_dir)
+    reported = {n: s for n, s in eval_sets.items() if getattr(s[1], "role", None) != "holdout"}
+    holdouts = {**holdout_sets, **{n: s for n, s in eval_sets.items() if getattr(s[1], "role", None) == "holdout"}}
+    pretrained = loaded.wise_ft_pretrained() if kwargs.get("wise_ft_alphas") else None
+    return evaluate_model(
+        loaded.model, reported, transform_for(loaded), pretrained=pretrained, holdout_sets=holdouts,
+        num_workers=args.dataloader_num_workers, seed=args.seed, device=args.device,
+        process_index=trainer.accelerator.process_index, num_processes=trainer.accelerator.num_processes,
+        progress=not args.disable_tqdm, **kwargs,
+    )
+
+
 # First of all, before anything is loaded: take output_dir's lock and check that it is writable and holds no other
 # run's results (see saeft_hf.run_dir); the lock is held until run_saeft returns or raises.
 @claims_output_dir
@@ -352,8 +384,11 @@ def run_saeft(
     id_name: str = "validation",
     shift_names: Sequence[str] = (),
     wise_ft_alphas: Sequence[float] | None = None,
+    wise_ft_select_on: str | None = None,
+    wise_ft_holdout: float = 0.01,
     wise_ft_known: Mapping[float, Mapping[str, float]] | None = None,
     eval_batch_size: int = 256,
+    eval_bf16: bool = False,
     max_eval_samples: int | None = None,
     skip_corrupt_images: bool = False,
     dataset_id: str | None = None,
@@ -368,11 +403,17 @@ def run_saeft(
             pre-trained embeddings of `train_dataset` and saved in `output_dir/sae`.
         eval_sets: `{name: (raw dataset, EvalSetSpec or None)}` evaluated after training (ID validation and
             shifts; see `saeft_hf.evaluation.load_eval_sets`); results go to `eval_results.json` and the card.
-        id_name / shift_names: which of `eval_sets` is the ID validation set (used to pick the WiSE-FT alpha)
-            and which are shifts (averaged into `avg_shift`).
-        wise_ft_alphas: sweep WiSE-FT over these alphas (weight interpolation; adapter scaling for LoRA).
-        wise_ft_known: metrics already measured at some alphas (e.g. {0.0: the zero-shot model's}); alpha 1 is
-            always the final evaluation, so neither is evaluated twice.
+            Sets whose spec has `role: holdout` only choose WiSE-FT's alpha (not reported).
+        id_name / shift_names: which of `eval_sets` is the reported ID set and which are shifts (averaged into
+            `avg_shift`; sets of neither kind are reported alone).
+        wise_ft_alphas: sweep WiSE-FT over these alphas (weight interpolation; adapter scaling for LoRA), in the
+            same pass as the final evaluation; the chosen model is saved in `output_dir/wise_ft/`.
+        wise_ft_select_on: the set that chooses alpha (a `role: holdout` set, or held-out data by the caller's
+            word). None: `wise_ft_holdout` training images (>= 1: a count, < 1: a fraction) are held out at random
+            (seed `training_args.seed`) before anything trains, and choose alpha.
+        wise_ft_known: accuracies already measured on these eval sets for some alphas (e.g. {0.0: the zero-shot
+            model's, measured once for many runs}); they are not scored again.
+        eval_bf16: evaluate under bf16 autocast (default fp32, whatever the training precision).
         skip_corrupt_images: skip (and log) undecodable images in the SAE, linear-probe, training and eval passes.
         model: a ready classifier (skips `build_model`).
 
@@ -390,8 +431,17 @@ def run_saeft(
     `output_dir/cache/`); only the main process trains and saves the SAE (the others load it), writes the results
     and the card, and pushes.
     """
-    start = time.time()
+    start, start_cpu = time.time(), time.process_time()
     output_dir = training_args.output_dir
+    if wise_ft_alphas and training_args.fsdp:
+        raise ValueError(_FSDP_WISE_FT)
+    holdout_sets: dict[str, tuple[Any, Any]] = {}
+    selection = ""
+    if wise_ft_alphas and wise_ft_select_on is None and not any(
+            getattr(spec, "role", None) == "holdout" for _, spec in (eval_sets or {}).values()):
+        # Alpha is chosen on training images that nothing trains on (not on a reported set such as validation).
+        train_dataset, held_out, selection = holdout_split(train_dataset, wise_ft_holdout, training_args.seed)
+        holdout_sets[HOLDOUT_NAME] = (held_out, None)
     _check_sizes(train_dataset, eval_dataset, training_args)
     # Everything else that could fail after training (or make it silently wrong) fails here, before any model exists.
     shape, representation, source_model = _model_shape(model_args, model)
@@ -459,9 +509,8 @@ def run_saeft(
             eval_dataset = add_cached_reference(model, eval_dataset, eval_transform, model_args, training_args, "eval",
                                                 skip_corrupt_images=skip_corrupt_images)
 
-    pretrained = None
-    if wise_ft_alphas and not training_args.use_lora:
-        pretrained = copy.deepcopy(model).requires_grad_(False)  # theta_0 for WiSE-FT
+    if training_args.should_save:
+        save_initial_head(model, output_dir)  # with the source checkpoint, theta_0 for WiSE-FT (here or later)
     if training_args.use_lora:
         model = add_lora(
             model, r=training_args.lora_r, alpha=training_args.lora_alpha, dropout=training_args.lora_dropout,
@@ -484,7 +533,17 @@ def run_saeft(
         # Per-image crops keyed on (seed, epoch, image): a resumed or multi-process run sees the same augmentation.
         callbacks=[SetEpochCallback(train_transform)],
     )
+    if trainer.is_fsdp_enabled:
+        if wise_ft_alphas:
+            raise ValueError(_FSDP_WISE_FT)
+        state_dict_type = str(getattr(trainer.accelerator.state.fsdp_plugin, "state_dict_type", ""))
+        if eval_sets and "FULL_STATE_DICT" not in state_dict_type:
+            # The evaluation loads the saved model: a sharded checkpoint would fail only after training.
+            raise ValueError(f"FSDP with fsdp_state_dict_type {state_dict_type or 'unset'} saves a sharded model "
+                             "that the evaluation cannot load: set fsdp_state_dict_type: FULL_STATE_DICT (as in "
+                             "accelerate_configs/fsdp2.yaml), or drop --eval_sets_config and evaluate later.")
     trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
+    train_time, train_cpu = time.time() - start, time.process_time() - start_cpu
     trainer.save_model(output_dir)
     trainer.save_state()
     if training_args.use_lora and trainer.is_world_process_zero():
@@ -493,21 +552,24 @@ def run_saeft(
     results: dict[str, Any] = {}
     if eval_dataset is not None:
         results["trainer_eval"] = trainer.evaluate()
-    if eval_sets:
-        def evaluate_fn(m: Any) -> dict[str, float]:
-            accs = evaluate_sets(m, eval_sets, eval_transform, batch_size=eval_batch_size,
-                                 max_samples=max_eval_samples, progress=False, skip_corrupt_images=skip_corrupt_images)
-            return {**accs, **shift_averages(accs, id_name, [n for n in shift_names if n in accs])}
-
-        results["final"] = evaluate_fn(trainer.model)
-        if wise_ft_alphas:
-            known = {1.0: results["final"], **(dict(wise_ft_known) if wise_ft_known else {})}
-            sweep = wise_ft_sweep(pretrained, trainer.model, wise_ft_alphas, evaluate_fn, select_on=id_name,
-                                  known=known)
-            results["wise_ft"] = sweep.to_dict()
+    eval_start, eval_cpu = time.time(), time.process_time()
+    report = None
+    if eval_sets or holdout_sets:
+        report = _evaluate_saved_run(
+            trainer, eval_sets or {}, holdout_sets, id_name=id_name, shift_names=shift_names,
+            wise_ft_alphas=wise_ft_alphas, select_on=wise_ft_select_on, selection=selection, known=wise_ft_known,
+            batch_size=eval_batch_size, bf16=eval_bf16, max_samples=max_eval_samples,
+            skip_corrupt_images=skip_corrupt_images,
+        )
+        results.update(report.to_dict())
+    # Wall seconds, and CPU seconds of this process (all threads; steadier than wall time on a shared machine).
+    results["timing"] = {"train_s": round(train_time, 1), "eval_s": round(time.time() - eval_start, 1),
+                         "train_cpu_s": round(train_cpu, 1), "eval_cpu_s": round(time.process_time() - eval_cpu, 1)}
     results["wall_time_s"] = round(time.time() - start, 1)
 
     if trainer.is_world_process_zero():
+        if report is not None:
+            save_wise_ft_model(report, output_dir)
         save_results(os.path.join(output_dir, "eval_results.json"), results)
         hyper = {
             "regularizer": training_args.regularizer, "lambda_reg": training_args.lambda_reg,
@@ -521,7 +583,8 @@ def run_saeft(
             output_dir,
             model_name=os.path.basename(os.path.normpath(output_dir)),
             base_model=model_args.model_name_or_path,
-            results={k: v for k, v in results.get("final", {}).items() if k in eval_sets or k == "avg_shift"},
+            results=report.final if report is not None else {},
+            wise_ft=report.wise_ft if report is not None else None,
             hyperparameters=hyper,
             dataset_id=dataset_id,
             is_adapter=training_args.use_lora,

@@ -36,6 +36,9 @@ def test_results_json_schema(quick_results):
     for method in REQUIRED:
         for name in ["id_test", *results["shift_sets"]]:
             assert (method, name) in sets
+    # Where the time went (the README reports the split): training vs evaluation.
+    assert {"data_s", "sae_s", "train_s", "eval_s", "interpret_s"} <= set(results["timing"])
+    assert all(v >= 0 for v in results["timing"].values())
     curve = results["wise_ft_curves"]["wise_ft-seed0"]
     assert curve["alphas"][0] == 0.0 and curve["alphas"][-1] == 1.0 and curve["best_alpha"] in curve["alphas"]
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import copy
 import io
-import json
 import os
 from pathlib import Path
 
@@ -22,7 +21,12 @@ from saeft_hf.data import BorderCrop, CLIPImageTransform  # noqa: E402
 from saeft_hf.evaluation import (  # noqa: E402
     IMAGENET_TEMPLATES,
     EvalSetSpec,
-    WiseFTResult,
+    PixelSet,
+    count_correct,
+    evaluate_model,
+    holdout_split,
+    shard_dataset,
+    shard_range,
     default_imagenet_eval_specs,
     evaluate_accuracy,
     evaluate_sets,
@@ -36,11 +40,11 @@ from saeft_hf.evaluation import (  # noqa: E402
     objectnet_class_groups,
     objectnet_folders,
     project_logits,
-    results_to_json,
     scale_lora,
+    select_alpha,
     shift_averages,
+    subsample,
     wise_ft,
-    wise_ft_sweep,
 )
 
 REPO = Path(__file__).resolve().parents[1]
@@ -155,8 +159,12 @@ def test_evaluate_accuracy_matches_manual_computation() -> None:
     acc = evaluate_accuracy(model, ds, tf, batch_size=4, progress=False)
     assert acc == pytest.approx(expected) and model.training
     assert evaluate_accuracy(model, ds.to_iterable_dataset(), tf, batch_size=5, progress=False) == pytest.approx(acc)
-    first5 = manual_accuracy(model.eval(), ds.select(range(5)), tf)
-    assert evaluate_accuracy(model, ds, tf, max_samples=5, progress=False) == pytest.approx(first5)
+    some = subsample(ds, 5, seed=3)
+    paths = [im["path"] for im in some["image"][:]]
+    assert len(set(paths)) == 5 and paths == sorted(paths, key=lambda p: int(p[3:-4]))  # original order kept
+    assert paths != [f"img{i}.png" for i in range(5)]  # random rows, not the first five
+    assert [im["path"] for im in subsample(ds, 5, seed=3)["image"][:]] == paths  # seeded
+    assert evaluate_accuracy(model, some, tf, progress=False) == pytest.approx(manual_accuracy(model.eval(), some, tf))
 
 
 def test_evaluate_accuracy_with_subset_and_grouped_specs() -> None:
@@ -172,7 +180,7 @@ def test_evaluate_accuracy_with_subset_and_grouped_specs() -> None:
     results = evaluate_sets(model, {"sub": (ds, subset), "grp": (ds, grouped)}, tf, batch_size=4, progress=False)
     assert results["grp"] == pytest.approx(expected)
     bad = png_dataset(3, num_labels=1, seed=3).map(lambda ex: {"label": 7})
-    with pytest.raises(ValueError, match="Label 7 is outside"):
+    with pytest.raises(ValueError, match="label 7 is outside"):
         evaluate_accuracy(model, bad, tf, spec=subset, progress=False)
 
 
@@ -294,46 +302,166 @@ def test_scale_lora_rejects_merged_adapters() -> None:
             pass
 
 
-def test_wise_ft_sweep_selects_on_the_given_set() -> None:
+def test_select_alpha_ties_and_nan() -> None:
+    assert select_alpha([0.0, 0.5, 1.0], [0.2, 0.4, 0.4]) == 0.5  # ties go to the first
+    assert select_alpha([0.0, 0.5], [float("nan"), 0.1]) == 0.5
+    with pytest.raises(ValueError):
+        select_alpha([0.0], [0.1, 0.2])
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Exact sharded counting, decode-once sweeps, honest selection, fp32 evaluation
+# ------------------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("n", [0, 1, 2, 7, 25, 31])
+@pytest.mark.parametrize("world", [1, 2, 3, 8])
+def test_shards_partition_exactly(n: int, world: int) -> None:
+    shards = [shard_range(n, r, world) for r in range(world)]
+    assert [i for s in shards for i in s] == list(range(n))  # every index once, in order, no padding
+    assert max(len(s) for s in shards) - min(len(s) for s in shards) <= 1
+
+
+def test_uneven_shards_sum_to_the_full_counts() -> None:
+    model = tiny_vit(num_labels=4, seed=3)
+    ds = png_dataset(31, num_labels=4, seed=4)
+    tf = CLIPImageTransform(16, MEAN3, STD3, train=False)
+    sets = {"a": (ds, None), "b": (ds.to_iterable_dataset(num_shards=3), None)}
+    full = count_correct({"m": model}, sets, tf, batch_size=4, progress=False)
+    assert full["a"]["m"].total == full["b"]["m"].total == 31
+    assert full["a"]["m"].correct == round(manual_accuracy(model, ds, tf) * 31)
+    for world in (2, 3, 4):
+        parts = [count_correct({"m": model}, {name: (shard_dataset(d, r, world), s) for name, (d, s) in sets.items()},
+                               tf, batch_size=4, progress=False) for r in range(world)]
+        for name in sets:
+            assert sum(p[name]["m"].total for p in parts) == 31
+            assert sum(p[name]["m"].correct for p in parts) == full[name]["m"].correct
+
+
+class CountingTransform:
+    """The eval transform, counting its calls (one per decoded image)."""
+
+    def __init__(self) -> None:
+        self.tf = CLIPImageTransform(16, MEAN3, STD3, train=False)
+        self.calls = 0
+
+    def __call__(self, image):
+        self.calls += 1
+        return self.tf(image)
+
+
+@pytest.mark.parametrize("lora", [False, True])
+def test_wise_ft_sweep_decodes_once_and_equals_per_alpha_evaluation(lora: bool) -> None:
+    if lora:
+        pre, ft = None, _lora_model(False)[1]
+    else:
+        pre, ft = tiny_vit(4, seed=0), tiny_vit(4, seed=1)
+    sets = {"val": (png_dataset(13, 4, seed=5), None), "shift": (png_dataset(9, 4, seed=6), None)}
+    holdout = {"held": (png_dataset(7, 4, seed=7), None)}
+    alphas = [0.0, 0.3, 0.7, 1.0]
+    tf = CountingTransform()
+    report = evaluate_model(ft, sets, tf, id_name="val", shift_names=["shift"], pretrained=pre,
+                            wise_ft_alphas=alphas, holdout_sets=holdout, selection="test data", batch_size=4)
+    assert tf.calls == 13 + 9 + 7  # each image decoded once for all four alphas
+    assert report.num_examples == {"val": 13, "shift": 9, "held": 7}
+    for alpha, result in zip(alphas, report.wise_ft.results):
+        model = wise_ft(pre, ft, alpha)
+        expected = evaluate_sets(model, {**sets, **holdout}, tf.tf, batch_size=5, progress=False)
+        assert result == pytest.approx({**expected, "id": expected["val"], "avg_shift": expected["shift"],
+                                        "num_shifts": 1.0})
+    assert report.wise_ft.select_on == "held" and report.wise_ft.selection == "test data"
+    held = [r["held"] for r in report.wise_ft.results]
+    assert report.wise_ft.best_alpha == alphas[held.index(max(held))]
+    assert report.final == {k: v for k, v in report.wise_ft.results[-1].items() if k != "held"}
+    # The chosen model is a plain model equal to wise_ft at the chosen alpha.
+    chosen = report.wise_ft_model
+    x = torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(chosen(pixel_values=x).logits,
+                                   wise_ft(pre, ft, report.wise_ft.best_alpha)(pixel_values=x).logits)
+
+
+def test_selection_never_on_a_reported_id_set() -> None:
     pre, ft = tiny_vit(4, seed=0), tiny_vit(4, seed=1)
-    w0, w1 = pre.classifier.weight.detach().clone(), ft.classifier.weight.detach().clone()
-
-    def evaluate_fn(model: torch.nn.Module) -> dict[str, float]:
-        w = model.classifier.weight.detach()
-        # "val" peaks at alpha 0.25, "shift" at 0.75: the sweep must follow select_on only.
-        return {"val": -float((w - torch.lerp(w0, w1, 0.25)).norm()),
-                "shift": -float((w - torch.lerp(w0, w1, 0.75)).norm())}
-
-    alphas = [0.0, 0.25, 0.5, 0.75, 1.0]
-    result = wise_ft_sweep(pre, ft, alphas, evaluate_fn, select_on="val")
-    assert isinstance(result, WiseFTResult) and result.alphas == alphas and len(result.results) == 5
-    assert result.best_alpha == 0.25 and result.best_results == result.results[1]
-    assert wise_ft_sweep(pre, ft, alphas, evaluate_fn, select_on="shift").best_alpha == 0.75
-    assert torch.equal(ft.classifier.weight, w1)
-    with pytest.raises(ValueError, match="select_on='nope'"):
-        wise_ft_sweep(pre, ft, [0.5], evaluate_fn, select_on="nope")
-
-    reference, peft_model = _lora_model(False)
-    x = torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(1))
-    with torch.no_grad(), scale_lora(peft_model, 0.5):
-        target = peft_model(pixel_values=x).logits
-
-    def lora_eval(model: torch.nn.Module) -> dict[str, float]:
-        with torch.no_grad():
-            return {"val": -float((model(pixel_values=x).logits - target).abs().max())}
-
-    assert wise_ft_sweep(None, peft_model, [0.0, 0.5, 1.0], lora_eval, select_on="val").best_alpha == 0.5
+    sets = {"val": (png_dataset(5, 4), None)}
+    tf = CLIPImageTransform(16, MEAN3, STD3, train=False)
+    with pytest.raises(ValueError, match="needs held-out ID data"):
+        evaluate_model(ft, sets, tf, id_name="val", pretrained=pre, wise_ft_alphas=[0.0, 1.0])
+    with pytest.raises(ValueError, match="reported ID set"):
+        evaluate_model(ft, sets, tf, id_name="val", pretrained=pre, wise_ft_alphas=[0.0, 1.0], select_on="val")
 
 
-def test_results_to_json_is_atomic_and_serialises(tmp_path: Path) -> None:
-    path = tmp_path / "out" / "results.json"
-    sweep = WiseFTResult(alphas=[0.0, 1.0], results=[{"val": 0.5}, {"val": 0.6}], best_alpha=1.0, select_on="val")
-    results_to_json(path, {"imagenet": np.float32(0.75), "sweep": sweep}, extra={"model": "tiny", "seed": 0})
-    data = json.loads(path.read_text())
-    assert data["model"] == "tiny" and data["results"]["imagenet"] == 0.75
-    assert data["results"]["sweep"]["best_alpha"] == 1.0
-    results_to_json(path, {"imagenet": 0.8})
-    assert json.loads(path.read_text()) == {"results": {"imagenet": 0.8}}
-    assert sorted(p.name for p in path.parent.iterdir()) == ["results.json"]  # no temp files left
-    with pytest.raises(ValueError, match="'results'"):
-        results_to_json(path, {}, extra={"results": 1})
+def test_holdout_split_is_seeded_disjoint_and_removed() -> None:
+    ds = png_dataset(50, 4).map(lambda ex, i: {"row": i}, with_indices=True)
+    train, held, description = holdout_split(ds, 0.1, seed=3)
+    assert len(held) == 5 and len(train) == 45 and "seed 3" in description
+    assert sorted(train["row"][:] + held["row"][:]) == list(range(50))
+    assert held["row"][:] != list(range(5)) and holdout_split(ds, 0.1, seed=3)[1]["row"][:] == held["row"][:]
+    assert len(holdout_split(ds, 7, seed=0)[1]) == 7
+    with pytest.raises(ValueError, match="leaves no training images"):
+        holdout_split(ds, 50, seed=0)
+    with pytest.raises(ValueError, match="streaming"):
+        holdout_split(ds.to_iterable_dataset(), 0.1, seed=0)
+
+
+def test_evaluation_is_fp32_after_mixed_precision_prepare() -> None:
+    """accelerate's bf16 prepare wraps forward in autocast; evaluate_model scores the weights in fp32 anyway."""
+    from accelerate import Accelerator
+
+    model = tiny_vit(4, seed=8)
+    clean = copy.deepcopy(model)
+    prepared = Accelerator(cpu=True, mixed_precision="bf16").prepare_model(model)
+    x = torch.randn(4, 3, 16, 16, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        assert prepared(pixel_values=x).logits.dtype == torch.float32  # converted back, but computed in bf16
+        assert not torch.equal(prepared(pixel_values=x).logits, clean(pixel_values=x).logits)
+    sets = {"s": (PixelSet(x, torch.tensor([0, 1, 2, 3])), None)}
+    logits = {}
+
+    def record(module, args, kwargs, output):
+        logits["last"] = output.logits
+
+    clean.register_forward_hook(record, with_kwargs=True)
+    evaluate_model(clean, sets, None)
+    expected = logits["last"]
+    model.register_forward_hook(record, with_kwargs=True)
+    report = evaluate_model(prepared, sets, None)
+    assert torch.equal(logits["last"], expected) and report.precision == "fp32"
+    evaluate_model(prepared, sets, None, bf16=True)
+    assert not torch.equal(logits["last"], expected)  # bf16 on request
+
+
+def test_model_card_shows_fine_tuned_and_wise_ft_with_paper_numbers() -> None:
+    from saeft_hf.hub import build_model_card
+
+    names = ["imagenet", "imagenetv2", "imagenet_r", "imagenet_sketch", "objectnet", "imagenet_a"]
+    final = {n: 0.5 + 0.01 * i for i, n in enumerate(names)}
+    final.update(shift_averages(final))
+    better = {k: v + 0.1 for k, v in final.items()}
+    sweep = {"alphas": [0.0, 0.5, 1.0], "results": [final, better, final], "best_alpha": 0.5,
+             "select_on": "train_holdout", "selection": "12811 held-out training images"}
+    card = str(build_model_card(model_name="m", base_model="openai/clip-vit-base-patch16", results=final,
+                                wise_ft=sweep))
+    table = card[card.index("## Evaluation"):card.index("## Training")]
+    assert "| set | fine-tuned | WiSE-FT (alpha 0.5) | zero-shot (paper) | FT (paper) | WiSE-FT (paper) |" in table
+    assert f"| Avg-5 (shifts) | {100 * final['avg_shift']:.2f} | {100 * better['avg_shift']:.2f} | 58.4 | 53.7 | 60.6 |" in table
+    assert "`train_holdout` (12811 held-out training images)" in table
+    assert 'subfolder="wise_ft"' in card
+    # Summary keys are not datasets in the model-index.
+    assert "dataset_type: num_shifts" not in card and "dataset_type: id\n" not in card
+
+
+def test_known_alphas_are_not_scored_again() -> None:
+    pre, ft = tiny_vit(4, seed=0), tiny_vit(4, seed=1)
+    sets = {"val": (png_dataset(6, 4, seed=5), None), "shift": (png_dataset(5, 4, seed=6), None)}
+    holdout = {"held": (png_dataset(4, 4, seed=7), None)}
+    tf = CLIPImageTransform(16, MEAN3, STD3, train=False)
+    known = {0.0: {"val": 0.125, "shift": 0.25, "held": 2.0}}  # impossible accuracies: they must come from `known`
+    report = evaluate_model(ft, sets, tf, id_name="val", shift_names=["shift"], pretrained=pre,
+                            wise_ft_alphas=[0.0, 1.0], holdout_sets=holdout, known=known)
+    assert report.wise_ft.results[0] == {"val": 0.125, "shift": 0.25, "held": 2.0, "id": 0.125, "avg_shift": 0.25,
+                                         "num_shifts": 1.0}
+    assert report.wise_ft.best_alpha == 0.0
+    with pytest.raises(ValueError, match="lack the sets"):
+        evaluate_model(ft, sets, tf, pretrained=pre, wise_ft_alphas=[0.0, 1.0], holdout_sets=holdout,
+                       known={0.0: {"val": 0.5}})

@@ -58,7 +58,11 @@ def check_common(out):
     final = results["final"]
     assert set(final) >= {"validation", "tiny_r", "avg_shift"}
     assert 0.0 <= final["tiny_r"] <= 1.0
-    assert results["wise_ft"]["alphas"] == [0.0, 0.5, 1.0] and results["wise_ft"]["select_on"] == "validation"
+    # Alpha is chosen on held-out training images (1% of 32, at least one), never on the reported validation set.
+    assert results["wise_ft"]["alphas"] == [0.0, 0.5, 1.0] and results["wise_ft"]["select_on"] == "train_holdout"
+    assert results["num_examples"] == {"validation": 12, "tiny_r": 6, "train_holdout": 1}
+    wise = json.loads((out / "wise_ft" / "wise_ft.json").read_text())
+    assert wise["alpha"] == results["wise_ft"]["best_alpha"] and (out / "wise_ft" / "model.safetensors").is_file()
     assert (out / "sae" / "model.safetensors").is_file() and (out / "sae" / "config.json").is_file()
     card = (out / "README.md").read_text()
     assert "model-index" in card and "tiny_r" in card

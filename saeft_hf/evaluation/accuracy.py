@@ -1,16 +1,20 @@
-"""Scoring: logit projections onto a set's classes, top-1 accuracy loops, shift averages, results files."""
+"""Scoring: logit projections onto a set's classes and exact, sharded top-1 counting.
+
+Every rank scores its own shard of every set (contiguous index slices of a map-style set, ``split_dataset_by_node``
+for a stream), and the integer ``(correct, total)`` counts are summed with one ``all_reduce``: no example is padded
+or counted twice, so the accuracy is the same for any number of processes. Each batch is decoded once and scored by
+every *variant* (e.g. one per WiSE-FT alpha), so a sweep costs one decoding pass.
+"""
 
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import functools
-import json
 import logging
 import math
-import os
-import tempfile
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Hashable, Iterator, Mapping, Sequence
+from contextlib import AbstractContextManager
+from dataclasses import dataclass
 from typing import Any
 
 import datasets
@@ -29,8 +33,12 @@ from .specs import DEFAULT_ID_NAME, DEFAULT_SHIFT_NAMES, EvalSetSpec
 
 logger = logging.getLogger(__name__)
 
+# A model to score with, or a factory of a context that yields one (e.g. ``lambda: scale_lora(peft_model, 0.5)``,
+# entered per batch so one set of weights serves several WiSE-FT alphas).
+Variant = nn.Module | Callable[[], AbstractContextManager[nn.Module]]
+
 # ----------------------------------------------------------------------------------------------------------------
-# Logit projection and accuracy
+# Logit projection
 # ----------------------------------------------------------------------------------------------------------------
 
 
@@ -80,104 +88,228 @@ def _model_device_dtype(model: nn.Module) -> tuple[torch.device, torch.dtype | N
     return torch.device("cpu"), None
 
 
-def evaluate_accuracy(
-    model: nn.Module,
-    dataset: AnyDataset,
-    transform: Callable[[Any], torch.Tensor] | None,
-    *,
-    spec: EvalSetSpec | None = None,
-    batch_size: int = 64,
-    device: str | torch.device | None = None,
-    max_samples: int | None = None,
-    progress: bool = True,
-    autocast_dtype: torch.dtype | None = None,
-    num_workers: int = 0,
-    skip_corrupt_images: bool = False,
-    desc: str | None = None,
-) -> float:
-    """Top-1 accuracy of ``model`` on a raw (``image``, ``label``) dataset.
+# ----------------------------------------------------------------------------------------------------------------
+# Data: pre-transformed sets, seeded subsets, shards
+# ----------------------------------------------------------------------------------------------------------------
 
-    ``transform`` turns one image into [C, H, W] (e.g. the eval :class:`~saeft_hf.data.CLIPImageTransform`);
-    ``None`` means ``dataset`` already yields ``pixel_values`` / ``labels``. With ``spec``, logits are projected
-    (:func:`project_logits`) and ``spec.crop_border`` is applied before the transform. Labels must already be in the
-    set's label space (:func:`load_eval_dataset` does that).
 
-    Runs under ``torch.inference_mode`` with ``model.eval()`` (the training flag is restored afterwards), on
-    ``device`` (the model is moved there if given; default: where the model's parameters are), optionally under
-    ``torch.autocast(dtype=autocast_dtype)``. Counting is done in numpy. Skipped corrupt images (with
-    ``skip_corrupt_images=True``) are left out of the denominator and reported in the log.
+class PixelSet(torch.utils.data.Dataset):
+    """An evaluation set held in memory as model inputs: ``pixel_values`` [N, C, H, W] float, ``labels`` [N] long.
+
+    Made by :func:`pretransform`; scored by slicing the tensors (no per-row decoding, collation or workers).
     """
-    if spec is not None and spec.crop_border and transform is not None:
-        transform = BorderCrop(transform, spec.crop_border)
-    ds = dataset
-    if max_samples is not None:
-        if isinstance(ds, datasets.IterableDataset):
-            ds = ds.take(max_samples)
-        else:
-            ds = ds.select(range(min(max_samples, len(ds))))
-    if transform is not None and "pixel_values" not in (_column_names_of(ds) or ()):
-        # Datasets that already hold pixel_values (see `pretransform`) skip the transform.
-        ds = with_image_transform(ds, transform, skip_corrupt_images=skip_corrupt_images)
-    collator = ImageClassificationCollator(num_labels=spec.num_classes if spec is not None else None)
-    loader = torch.utils.data.DataLoader(ds, batch_size=batch_size, collate_fn=collator, num_workers=num_workers)
-    if device is not None:
-        model.to(device)
-    model_device, model_dtype = _model_device_dtype(model)
-    total_batches = None if isinstance(ds, datasets.IterableDataset) else math.ceil(len(ds) / batch_size)
-    autocast = (torch.autocast(device_type=model_device.type, dtype=autocast_dtype) if autocast_dtype is not None
-                else contextlib.nullcontext())
-    correct = total = 0
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.inference_mode(), autocast:
-            for batch in tqdm(loader, total=total_batches, desc=desc or (spec.name if spec else "eval"),
-                              disable=not progress, leave=False):
-                if "labels" not in batch:
-                    raise ValueError("The evaluation dataset has no labels; load it with a label column.")
-                pixel_values = batch["pixel_values"].to(model_device, non_blocking=True)
-                if autocast_dtype is None and model_dtype is not None:
-                    pixel_values = pixel_values.to(model_dtype)  # a bf16 model without autocast needs bf16 inputs
-                logits = project_logits(_logits_of(model(pixel_values=pixel_values)).float(), spec)
-                labels = batch["labels"].numpy()
-                if labels.size and (int(labels.min()) < 0 or int(labels.max()) >= logits.shape[-1]):
-                    bad = int(labels.min()) if int(labels.min()) < 0 else int(labels.max())
-                    raise ValueError(f"Label {bad} is outside [0, {logits.shape[-1]}) (the classes after "
-                                     "projection): the dataset's labels do not match the model/spec (an unlabelled "
-                                     "split has label -1).")
-                preds = logits.argmax(dim=-1).cpu().numpy()
-                correct += int(np.sum(preds == labels))
-                total += int(labels.size)
-    finally:
-        model.train(was_training)
-    if collator.num_skipped:
-        logger.warning("%s: %d corrupt image(s) skipped and left out of the accuracy.",
-                       desc or (spec.name if spec else "eval"), collator.num_skipped)
-    if total == 0:
-        raise ValueError("No samples were evaluated (empty dataset, max_samples=0, or every image skipped).")
-    return correct / total
 
+    def __init__(self, pixel_values: torch.Tensor, labels: torch.Tensor) -> None:
+        if pixel_values.shape[0] != labels.shape[0]:
+            raise ValueError(f"{pixel_values.shape[0]} images but {labels.shape[0]} labels.")
+        self.pixel_values = pixel_values
+        self.labels = labels
 
-def _column_names_of(ds: AnyDataset) -> list[str] | None:
-    return list(getattr(ds, "column_names", None) or []) or None
+    def __len__(self) -> int:
+        return int(self.labels.shape[0])
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+        return {"pixel_values": self.pixel_values[index], "labels": self.labels[index]}
+
+    def select(self, indices: Sequence[int] | range) -> PixelSet:
+        """The rows at ``indices`` (a contiguous ``range`` is a view, no copy)."""
+        if isinstance(indices, range) and indices.step == 1:
+            return PixelSet(self.pixel_values[indices.start:indices.stop], self.labels[indices.start:indices.stop])
+        index = torch.as_tensor(list(indices), dtype=torch.long)
+        return PixelSet(self.pixel_values[index], self.labels[index])
 
 
 def pretransform(
-    dataset: AnyDataset, transform: Callable[[Any], torch.Tensor], *, batch_size: int = 512
-) -> datasets.Dataset:
-    """Apply a deterministic (eval) transform once and keep the result as a torch-formatted dataset with
-    ``pixel_values`` and ``labels``, so repeated evaluations (WiSE-FT sweeps, many methods) skip decoding."""
+    dataset: AnyDataset,
+    transform: Callable[[Any], torch.Tensor],
+    *,
+    batch_size: int = 512,
+    num_workers: int = 0,
+) -> PixelSet:
+    """Decode and apply a deterministic (eval) transform once; the result is scored by slicing, so repeated
+    evaluations (sweeps, many methods) skip decoding. Memory: N x C x H x W floats (use it for small sets)."""
     loader = torch.utils.data.DataLoader(with_image_transform(dataset, transform), batch_size=batch_size,
-                                         collate_fn=ImageClassificationCollator())
+                                         collate_fn=ImageClassificationCollator(), num_workers=num_workers)
     pixels, labels = [], []
     for batch in loader:
-        pixels.append(batch["pixel_values"].numpy())
-        labels.append(batch["labels"].numpy())
+        pixels.append(batch["pixel_values"])
+        labels.append(batch["labels"])
     if not pixels:
         raise ValueError("pretransform got an empty dataset.")
-    return datasets.Dataset.from_dict(
-        {"pixel_values": np.concatenate(pixels), "labels": np.concatenate(labels)}
-    ).with_format("torch")
+    return PixelSet(torch.cat(pixels), torch.cat(labels))
+
+
+def subsample(dataset: AnyDataset, max_samples: int | None, seed: int = 0) -> AnyDataset:
+    """A seeded random subset of ``max_samples`` rows in their original order (the first N rows of a sorted folder
+    would be its first few classes). Streams: the first N examples (a stream has no random access)."""
+    if max_samples is None:
+        return dataset
+    if isinstance(dataset, datasets.IterableDataset):
+        return dataset.take(max_samples)
+    n = len(dataset)
+    if max_samples >= n:
+        return dataset
+    rows = np.sort(np.random.default_rng(seed).choice(n, size=max_samples, replace=False))
+    return dataset.select(rows.tolist())
+
+
+def shard_range(num_examples: int, process_index: int, num_processes: int) -> range:
+    """Rank ``process_index``'s contiguous slice of ``range(num_examples)``; the slices partition it exactly
+    (sizes differ by at most one, no padding)."""
+    if not 0 <= process_index < num_processes:
+        raise ValueError(f"process_index {process_index} is outside [0, {num_processes}).")
+    return range(num_examples * process_index // num_processes, num_examples * (process_index + 1) // num_processes)
+
+
+def shard_dataset(dataset: AnyDataset, process_index: int, num_processes: int) -> AnyDataset:
+    """This rank's part of ``dataset``: an index slice (map-style), or ``split_dataset_by_node`` (streams:
+    whole shards per rank when they divide evenly, else every ``num_processes``-th example)."""
+    if num_processes == 1:
+        return dataset
+    if isinstance(dataset, datasets.IterableDataset):
+        from datasets.distributed import split_dataset_by_node
+
+        return split_dataset_by_node(dataset, rank=process_index, world_size=num_processes)
+    return dataset.select(shard_range(len(dataset), process_index, num_processes))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Counting
+# ----------------------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Counts:
+    """Top-1 counts of one model on one set (all processes together)."""
+
+    correct: int
+    total: int
+
+    @property
+    def accuracy(self) -> float:
+        if self.total == 0:
+            raise ValueError("No samples were evaluated (empty set, max_samples=0, or every image skipped).")
+        return self.correct / self.total
+
+
+def _batches(ds: AnyDataset, transform: Callable[[Any], torch.Tensor] | None, spec: EvalSetSpec | None,
+             batch_size: int, num_workers: int, skip_corrupt_images: bool, pin_memory: bool
+             ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    if isinstance(ds, PixelSet):
+        for start in range(0, len(ds), batch_size):
+            yield ds.pixel_values[start:start + batch_size], ds.labels[start:start + batch_size]
+        return
+    if transform is not None:
+        if spec is not None and spec.crop_border:
+            transform = BorderCrop(transform, spec.crop_border)
+        ds = with_image_transform(ds, transform, skip_corrupt_images=skip_corrupt_images)
+    loader = torch.utils.data.DataLoader(ds, batch_size=batch_size, collate_fn=ImageClassificationCollator(),
+                                         num_workers=num_workers, pin_memory=pin_memory)
+    for batch in loader:
+        if "labels" not in batch:
+            raise ValueError("The evaluation dataset has no labels; load it with a label column.")
+        yield batch["pixel_values"], batch["labels"]
+
+
+def _enter(variant: Variant) -> AbstractContextManager[nn.Module]:
+    return contextlib.nullcontext(variant) if isinstance(variant, nn.Module) else variant()
+
+
+def count_correct(
+    variants: Mapping[Hashable, Variant],
+    sets: Mapping[str, tuple[AnyDataset, EvalSetSpec | None]],
+    transform: Callable[[Any], torch.Tensor] | None,
+    *,
+    batch_size: int = 256,
+    num_workers: int = 0,
+    autocast_dtype: torch.dtype | None = None,
+    skip_corrupt_images: bool = False,
+    process_index: int = 0,
+    num_processes: int = 1,
+    progress: bool = True,
+) -> dict[str, dict[Hashable, Counts]]:
+    """``{set: {variant: Counts}}``: top-1 counts of every variant on every set, this rank's shard scored here.
+
+    ``variants``: models (all on one device), or factories of contexts yielding one (entered per batch, e.g.
+    :func:`~saeft_hf.evaluation.scale_lora`). ``sets``: ``{name: (raw dataset, spec or None)}`` with ``image`` /
+    ``label`` columns (labels in the set's label space, see :func:`load_eval_dataset`), or a :class:`PixelSet`.
+    ``transform`` turns one image into [C, H, W] (``spec.crop_border`` is applied first); ``None``: the dataset
+    yields ``pixel_values`` / ``labels`` already.
+
+    Runs under ``torch.inference_mode`` with every model in eval mode (their flags are restored), in the models'
+    own precision (fp32 for a freshly loaded model), or under ``torch.autocast(autocast_dtype)`` when given.
+    With ``num_processes > 1`` every rank must call this with the same arguments: the counts are summed with one
+    ``torch.distributed.all_reduce`` (int64), so every rank returns the totals. Corrupt images skipped with
+    ``skip_corrupt_images=True`` are left out of ``total`` (and logged).
+    """
+    if not variants:
+        raise ValueError("count_correct needs at least one model.")
+    keys = list(variants)
+    modules: list[nn.Module] = []
+    for v in variants.values():
+        if isinstance(v, nn.Module):
+            modules.append(v)
+        else:
+            with v() as entered:
+                modules.append(entered)
+    device, model_dtype = _model_device_dtype(modules[0])
+    autocast = (torch.autocast(device_type=device.type, dtype=autocast_dtype) if autocast_dtype is not None
+                else contextlib.nullcontext())
+    names = list(sets)
+    counts = np.zeros((len(names), len(keys), 2), dtype=np.int64)  # [..., 0] correct, [..., 1] total
+    was_training = [m.training for m in modules]
+    for m in modules:
+        m.eval()
+    try:
+        with torch.inference_mode(), autocast:
+            for s, name in enumerate(names):
+                ds, spec = sets[name]
+                shard = shard_dataset(ds, process_index, num_processes)
+                total_batches = None if isinstance(shard, datasets.IterableDataset) else math.ceil(
+                    len(shard) / batch_size)
+                batches = _batches(shard, transform, spec, batch_size, num_workers, skip_corrupt_images,
+                                   pin_memory=device.type == "cuda")
+                for pixel_values, labels in tqdm(batches, total=total_batches, desc=name, leave=False,
+                                                 disable=not progress or process_index != 0):
+                    pixel_values = pixel_values.to(device, non_blocking=True)
+                    if autocast_dtype is None and model_dtype is not None:
+                        pixel_values = pixel_values.to(model_dtype)  # a bf16 model without autocast needs bf16 input
+                    labels = labels.to(device, non_blocking=True)
+                    for k, key in enumerate(keys):
+                        with _enter(variants[key]) as model:
+                            logits = project_logits(_logits_of(model(pixel_values=pixel_values)).float(), spec)
+                        _check_labels(labels, logits.shape[-1], name)
+                        counts[s, k, 0] += int((logits.argmax(dim=-1) == labels).sum())
+                        counts[s, k, 1] += int(labels.numel())
+    finally:
+        for m, flag in zip(modules, was_training):
+            m.train(flag)
+    if num_processes > 1:
+        import torch.distributed as dist
+
+        if not (dist.is_available() and dist.is_initialized()):
+            raise RuntimeError(f"count_correct was told num_processes={num_processes} but torch.distributed is not "
+                               "initialised; launch with torchrun / accelerate launch (or pass num_processes=1).")
+        # On the models' device: NCCL reduces CUDA tensors only, gloo CPU ones.
+        reduced = torch.from_numpy(counts).to(device)
+        dist.all_reduce(reduced, op=dist.ReduceOp.SUM)
+        counts = reduced.cpu().numpy()
+    out = {name: {key: Counts(int(counts[s, k, 0]), int(counts[s, k, 1])) for k, key in enumerate(keys)}
+           for s, name in enumerate(names)}
+    for name, ds_spec in sets.items():
+        ds = ds_spec[0]
+        total = out[name][keys[0]].total
+        if not isinstance(ds, datasets.IterableDataset) and total < len(ds):
+            logger.warning("%s: %d of %d images skipped (corrupt) and left out of the accuracy.", name,
+                           len(ds) - total, len(ds))
+    return out
+
+
+def _check_labels(labels: torch.Tensor, num_classes: int, name: str) -> None:
+    if labels.numel() and (int(labels.min()) < 0 or int(labels.max()) >= num_classes):
+        bad = int(labels.min()) if int(labels.min()) < 0 else int(labels.max())
+        raise ValueError(f"{name}: label {bad} is outside [0, {num_classes}) (the classes after projection): the "
+                         "dataset's labels do not match the model/spec (an unlabelled split has label -1).")
 
 
 def evaluate_sets(
@@ -186,17 +318,28 @@ def evaluate_sets(
     transform: Callable[[Any], torch.Tensor] | None,
     **kwargs: Any,
 ) -> dict[str, float]:
-    """``{name: top-1}`` for every ``(dataset, spec)`` in ``sets``; ``kwargs`` go to :func:`evaluate_accuracy`."""
-    results: dict[str, float] = {}
-    for name, (ds, spec) in sets.items():
-        results[name] = evaluate_accuracy(model, ds, transform, spec=spec, desc=name, **kwargs)
-        logger.info("%s top-1: %.4f", name, results[name])
-    return results
+    """``{name: top-1}`` of one model on every ``(dataset, spec)`` of ``sets``; ``kwargs`` go to
+    :func:`count_correct`."""
+    counts = count_correct({"model": model}, sets, transform, **kwargs)
+    return {name: per["model"].accuracy for name, per in counts.items()}
+
+
+def evaluate_accuracy(
+    model: nn.Module,
+    dataset: AnyDataset,
+    transform: Callable[[Any], torch.Tensor] | None,
+    *,
+    spec: EvalSetSpec | None = None,
+    **kwargs: Any,
+) -> float:
+    """Top-1 accuracy of ``model`` on one raw (``image``, ``label``) dataset; see :func:`count_correct`."""
+    name = spec.name if spec is not None else "eval"
+    return evaluate_sets(model, {name: (dataset, spec)}, transform, **kwargs)[name]
 
 
 def shift_averages(
     results: Mapping[str, float],
-    id_name: str = DEFAULT_ID_NAME,
+    id_name: str | None = DEFAULT_ID_NAME,
     shift_names: Sequence[str] = DEFAULT_SHIFT_NAMES,
     *,
     objectnet_name: str = "objectnet",
@@ -204,10 +347,11 @@ def shift_averages(
     """Summary numbers: ``id`` (``results[id_name]``), ``avg_shift`` (mean over the shifts present: Avg-5 with all
     five), ``avg_shift_no_objectnet`` (Avg-4, when ObjectNet is among them) and ``num_shifts``.
 
-    Shifts missing from ``results`` are left out of the means (and logged): compare only equal ``num_shifts``.
+    Only ``shift_names`` are averaged (sets with ``role: other`` are not shifts). Shifts missing from ``results``
+    are left out of the means (and logged): compare only equal ``num_shifts``.
     """
     out: dict[str, float] = {}
-    if id_name in results:
+    if id_name is not None and id_name in results:
         out["id"] = float(results[id_name])
     present = [n for n in shift_names if n in results]
     missing = [n for n in shift_names if n not in results]
@@ -220,49 +364,3 @@ def shift_averages(
         if objectnet_name in present and without:
             out["avg_shift_no_objectnet"] = float(np.mean([results[n] for n in without]))
     return out
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Results
-# ----------------------------------------------------------------------------------------------------------------
-
-
-def _json_default(obj: Any) -> Any:
-    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
-        return dataclasses.asdict(obj)
-    if isinstance(obj, torch.Tensor):
-        return obj.detach().cpu().tolist()
-    if isinstance(obj, np.generic):
-        return obj.item()
-    if isinstance(obj, np.ndarray):
-        return obj.tolist()
-    if isinstance(obj, os.PathLike):
-        return os.fspath(obj)
-    if isinstance(obj, (set, frozenset, tuple)):
-        return list(obj)
-    raise TypeError(f"Cannot write {type(obj).__name__} to JSON.")
-
-
-def results_to_json(path: str | os.PathLike[str], results: Any, extra: Mapping[str, Any] | None = None) -> None:
-    """Write ``{**extra, "results": results}`` as JSON, atomically (temp file in the same folder + ``os.replace``),
-    so a crash never leaves a half-written file. Dataclasses (e.g. :class:`WiseFTResult`), tensors and numpy values
-    are converted."""
-    payload: dict[str, Any] = dict(extra or {})
-    if "results" in payload:
-        raise ValueError("extra must not contain the key 'results'.")
-    payload["results"] = results
-    path = os.fspath(path)
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            json.dump(payload, fh, indent=2, default=_json_default)
-            fh.write("\n")
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.remove(tmp)
-        raise

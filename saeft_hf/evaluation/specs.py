@@ -74,8 +74,9 @@ class EvalSetSpec:
     drop unmapped folders, and ``numeric_folder_labels`` maps ImageNetV2's ``0``..``999`` folders to ``int(name)``
     (``None``: automatic when all class names are digits). Integer labels (webdataset ``cls``) are used as given.
 
-    ``role``: ``"id"`` (the in-distribution set, used to select WiSE-FT's alpha), ``"shift"`` (counted in the
-    shift averages) or ``"other"``.
+    ``role``: ``"id"`` (the reported in-distribution set), ``"shift"`` (counted in the shift averages),
+    ``"other"`` (reported, in no average) or ``"holdout"`` (held-out in-distribution data that chooses WiSE-FT's
+    alpha; never reported).
     """
 
     name: str
@@ -92,14 +93,15 @@ class EvalSetSpec:
     class_folders: list[str] | str | None = None
     crop_border: int = 0
     numeric_folder_labels: bool | None = None
-    role: Literal["id", "shift", "other"] = "shift"
+    role: Literal["id", "shift", "other", "holdout"] = "shift"
 
     def __post_init__(self) -> None:
         if self.kind not in ("full", "subset", "grouped"):
             raise ValueError(f"EvalSetSpec {self.name!r}: kind must be 'full', 'subset' or 'grouped', got "
                              f"{self.kind!r}.")
-        if self.role not in ("id", "shift", "other"):
-            raise ValueError(f"EvalSetSpec {self.name!r}: role must be 'id', 'shift' or 'other', got {self.role!r}.")
+        if self.role not in ("id", "shift", "other", "holdout"):
+            raise ValueError(f"EvalSetSpec {self.name!r}: role must be 'id', 'shift', 'other' or 'holdout', got "
+                             f"{self.role!r}.")
         if self.dataset_name is None and self.data_dir is None and self.data_files is None:
             raise ValueError(f"EvalSetSpec {self.name!r} has no source: set dataset_name (Hub id), data_dir (local "
                              "class folders) or data_files (local tars/parquet).")

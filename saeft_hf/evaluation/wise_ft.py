@@ -8,6 +8,7 @@ import dataclasses
 import functools
 import logging
 import math
+import os
 import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -208,18 +209,6 @@ def scale_lora(peft_model: PeftModel, alpha: float) -> Iterator[PeftModel]:
         restore()
 
 
-def _interpolation_start(
-    pretrained_model: nn.Module | None, finetuned_model: nn.Module, caller: str
-) -> tuple[Mapping[str, torch.Tensor], Mapping[str, torch.Tensor], nn.Module]:
-    """(theta_0, theta_1, a working copy of the fine-tuned model) for full-model weight interpolation."""
-    if pretrained_model is None:
-        raise ValueError(f"{caller} needs the pre-trained model for a fully fine-tuned model.")
-    theta0 = pretrained_model.state_dict()
-    theta1 = finetuned_model.state_dict()
-    _check_compatible(theta0, theta1)
-    return theta0, theta1, copy.deepcopy(finetuned_model)
-
-
 def wise_ft(pretrained_model: nn.Module | None, finetuned_model: nn.Module, alpha: float) -> nn.Module:
     """A new model with WiSE-FT weights ``(1 - alpha) * pretrained + alpha * finetuned``; inputs untouched.
 
@@ -240,19 +229,25 @@ def wise_ft(pretrained_model: nn.Module | None, finetuned_model: nn.Module, alph
             # DoRA layers are merged already (interpolated); peft warns that there is nothing left to merge.
             warnings.filterwarnings("ignore", message=".*already merged.*")
             return model.merge_and_unload()
-    theta0, theta1, model = _interpolation_start(pretrained_model, finetuned_model, "wise_ft")
+    if pretrained_model is None:
+        raise ValueError("wise_ft needs the pre-trained model for a fully fine-tuned model.")
+    theta0, theta1 = pretrained_model.state_dict(), finetuned_model.state_dict()
+    _check_compatible(theta0, theta1)
+    model = copy.deepcopy(finetuned_model)
     _lerp_into(model, theta0, theta1, alpha)
     return model
 
 
 @dataclass
 class WiseFTResult:
-    """A WiSE-FT sweep: ``results[i]`` are the metrics at ``alphas[i]``; ``best_alpha`` maximises ``select_on``."""
+    """A WiSE-FT sweep: ``results[i]`` are the metrics at ``alphas[i]``; ``best_alpha`` maximises ``select_on``,
+    the accuracy on held-out data described by ``selection``."""
 
     alphas: list[float]
     results: list[dict[str, float]]
     best_alpha: float
     select_on: str
+    selection: str = ""
 
     @property
     def best_results(self) -> dict[str, float]:
@@ -263,55 +258,73 @@ class WiseFTResult:
         return dataclasses.asdict(self)
 
 
-def wise_ft_sweep(
-    pretrained_model: nn.Module | None,
-    finetuned_model: nn.Module,
-    alphas: Sequence[float],
-    evaluate_fn: Callable[[nn.Module], Mapping[str, float]],
-    select_on: str,
-    known: Mapping[float, Mapping[str, float]] | None = None,
-) -> WiseFTResult:
-    """Evaluate WiSE-FT at each alpha and pick the alpha with the highest ``select_on`` metric.
+# The head the fine-tuning started from (zero-shot or linear probe): with the source CLIP's vision weights it is
+# theta_0, so a saved run can be swept without its training script (the source checkpoint has no head).
+INITIAL_HEAD_FILE = "initial_head.safetensors"
 
-    ``evaluate_fn(model) -> {name: metric}`` is called once per alpha on the interpolated model, except for the
-    alphas in ``known`` ({alpha: metrics} already measured, e.g. 0 = the pre-trained model, 1 = the fine-tuned one).
-    ``select_on`` must be an in-distribution *validation* metric (e.g. a held-out ImageNet-train split or ImageNet
-    val): choosing alpha on a distribution shift would leak the test distribution into the model and overstate
-    robustness. Ties go to the first alpha in ``alphas``; NaN never wins.
 
-    Full fine-tuning uses one working copy of the model (weights rewritten per alpha); a LoRA/DoRA ``PeftModel``
-    is evaluated in place inside :func:`scale_lora` (restored afterwards).
+def save_initial_head(model: nn.Module, output_dir: str | os.PathLike[str]) -> str:
+    """Write ``model.classifier``'s weights (before fine-tuning) to ``output_dir/initial_head.safetensors``."""
+    from safetensors.torch import save_file
+
+    os.makedirs(output_dir, exist_ok=True)
+    path = os.path.join(output_dir, INITIAL_HEAD_FILE)
+    save_file({k: v.detach().cpu().contiguous() for k, v in model.classifier.state_dict().items()}, path)
+    return path
+
+
+def load_initial_head(model: nn.Module, run_dir: str | os.PathLike[str]) -> None:
+    """Write a run's saved initial head into ``model.classifier`` (in place)."""
+    from safetensors.torch import load_file
+
+    path = os.path.join(run_dir, INITIAL_HEAD_FILE)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path} is missing: WiSE-FT needs the head the fine-tuning started from (runs saved "
+                                "by saeft-hf record it). Without it, sweep in the training run itself.")
+    model.classifier.load_state_dict(load_file(path))
+
+
+def wise_ft_variants(
+    pretrained_model: nn.Module | None, finetuned_model: nn.Module, alphas: Sequence[float]
+) -> dict[float, nn.Module | Callable[[], contextlib.AbstractContextManager[nn.Module]]]:
+    """One scorer per alpha for :func:`~saeft_hf.evaluation.count_correct`, so a sweep decodes each batch once.
+
+    Full fine-tuning: alpha 0 is ``pretrained_model`` and alpha 1 ``finetuned_model`` themselves; every other alpha
+    is a model built once (:func:`wise_ft`; one model's memory per alpha). LoRA/DoRA ``PeftModel``: one set of
+    weights, switched per batch with :func:`scale_lora` (alpha 1 is the model as it is).
     """
     alpha_list = [_check_alpha(a) for a in alphas]
     if not alpha_list:
-        raise ValueError("wise_ft_sweep needs at least one alpha.")
-    results: list[dict[str, float]] = []
-
-    def record(alpha: float, metrics: Mapping[str, float]) -> None:
-        if select_on not in metrics:
-            raise ValueError(f"evaluate_fn returned {sorted(metrics)} without the selection metric "
-                             f"select_on={select_on!r}.")
-        results.append({k: float(v) for k, v in metrics.items()})
-        logger.info("WiSE-FT alpha=%.3f: %s", alpha, results[-1])
-
-    known = dict(known or {})
+        raise ValueError("A WiSE-FT sweep needs at least one alpha.")
+    if len(set(alpha_list)) != len(alpha_list):
+        raise ValueError(f"Duplicate WiSE-FT alphas in {alpha_list}.")
+    variants: dict[float, Any] = {}
     if isinstance(finetuned_model, PeftModel):
+        _lora_layers(finetuned_model)  # unsupported adapter types fail here, before any scoring
         for alpha in alpha_list:
-            if alpha in known:  # e.g. alpha 1 = the fine-tuned model, already evaluated
-                record(alpha, known[alpha])
-                continue
-            with scale_lora(finetuned_model, alpha):
-                record(alpha, evaluate_fn(finetuned_model))
-    else:
-        theta0, theta1, work = _interpolation_start(pretrained_model, finetuned_model, "wise_ft_sweep")
-        for alpha in alpha_list:
-            if alpha in known:
-                record(alpha, known[alpha])
-                continue
-            _lerp_into(work, theta0, theta1, alpha)
-            record(alpha, evaluate_fn(work))
-        del work
+            variants[alpha] = (finetuned_model if alpha == 1.0
+                               else functools.partial(scale_lora, finetuned_model, alpha))
+        return variants
+    if pretrained_model is None:
+        raise ValueError("A WiSE-FT sweep of a fully fine-tuned model needs the pre-trained model.")
+    _check_compatible(pretrained_model.state_dict(), finetuned_model.state_dict())
+    for alpha in alpha_list:
+        if alpha == 0.0:
+            variants[alpha] = pretrained_model
+        elif alpha == 1.0:
+            variants[alpha] = finetuned_model
+        else:
+            variants[alpha] = wise_ft(pretrained_model, finetuned_model, alpha)
+    return variants
 
-    scores = [r[select_on] for r in results]
+
+def select_alpha(alphas: Sequence[float], scores: Sequence[float]) -> float:
+    """The alpha with the highest score; ties go to the first alpha, NaN never wins.
+
+    The scores must come from held-out in-distribution data that is not reported (e.g. held-out training images):
+    choosing alpha on a reported set, worse on a shift, overstates the result.
+    """
+    if len(alphas) != len(scores) or not alphas:
+        raise ValueError(f"{len(alphas)} alphas but {len(scores)} scores.")
     best = max(range(len(scores)), key=lambda i: (-math.inf if math.isnan(scores[i]) else scores[i], -i))
-    return WiseFTResult(alphas=alpha_list, results=results, best_alpha=alpha_list[best], select_on=select_on)
+    return float(alphas[best])
