@@ -35,6 +35,8 @@ from saeft_hf.validation import (
 )
 
 
+logger = logging.getLogger(__name__)
+
 @dataclass
 class DataArguments:
     """Where the images come from."""
@@ -99,14 +101,26 @@ class DataArguments:
     )
 
 
-def classnames_for(dataset, data_args: DataArguments) -> list[str]:
-    """Readable class names in label order."""
+def _label_names(dataset) -> list[str]:
+    features = getattr(dataset, "features", None) or {}
+    label_feature = features.get("label") if hasattr(features, "get") else None
+    return list(getattr(label_feature, "names", []) or [])
+
+
+def classnames_for(dataset, data_args: DataArguments, validation=None) -> list[str]:
+    """Readable class names in label order.
+
+    From --classnames_file, else the training set's label names, else (integer labels, e.g. webdataset shards'
+    `.cls`) the validation set's (e.g. class folders: position i is label i), else ImageNet's for ImageNet's labels.
+    """
     names = None
     if data_args.classnames_file:
         names = [line.strip() for line in Path(data_args.classnames_file).read_text().splitlines() if line.strip()]
-    features = getattr(dataset, "features", None) or {}
-    label_feature = features.get("label") if hasattr(features, "get") else None
-    dataset_names = list(getattr(label_feature, "names", []) or [])
+    dataset_names = _label_names(dataset)
+    if not dataset_names and names is None and validation is not None and _label_names(validation):
+        dataset_names = _label_names(validation)
+        logger.info("The training labels have no names; using the validation set's %d class names, in label order.",
+                    len(dataset_names))
     if names is not None:
         if dataset_names and len(names) != len(dataset_names):
             raise ValueError(
@@ -159,7 +173,7 @@ def main(argv: list[str]) -> None:
             train = shuffle_for_training(train, seed=training_args.seed)
         elif training_args.num_train_examples is not None:  # an epoch is a pass over the subset
             training_args.num_train_examples = min(training_args.num_train_examples, data_args.max_train_samples)
-    classnames = classnames_for(train, data_args)  # before max_train_samples: a sample may lack some classes
+    classnames = classnames_for(train, data_args, validation)  # before max_train_samples: a sample may lack some classes
     # Seeded random subsets, never the first rows (a stream's subset comes out of its seeded shuffle).
     train = random_subset(train, data_args.max_train_samples, seed=training_args.seed)
     if validation is not None:

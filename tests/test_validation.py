@@ -300,6 +300,13 @@ def test_numeric_folders_and_unnamed_int_labels_need_class_names(tmp_path, recip
     names_file = tmp_path / "digits.txt"
     names_file.write_text("zero\none\ntwo\n")
     assert recipe.classnames_for(digits, recipe.DataArguments(classnames_file=str(names_file))) == ["zero", "one", "two"]
+    # Integer labels (webdataset shards' .cls) beside a class-folder validation set: its names, in label order
+    # (wnids -> curated ImageNet names); without such a validation set, still --classnames_file.
+    shards = datasets.Dataset.from_dict({"label": [0, 1, 2]}).to_iterable_dataset()
+    val = folder_dataset(tmp_path, "val-wnids", names=["n01443537", "n02123045", "n02119022"])
+    assert recipe.classnames_for(shards, recipe.DataArguments(), val) == ["goldfish", "red fox", "tabby cat"]
+    with pytest.raises(SAEFTConfigError, match="--classnames_file"):
+        recipe.classnames_for(shards, recipe.DataArguments(), None)
 
 
 @pytest.mark.parametrize("labels,message", [
