@@ -24,6 +24,7 @@ import logging
 import os
 import shutil
 import socket
+import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -147,6 +148,13 @@ def _lock(output_dir: str) -> RunLock:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             holder = _read_holder(fd)
+            # The holder writes its pid just after taking the flock: a run that lost the race by microseconds may
+            # look before it does. Give it a moment, so that the error names the run that holds the directory.
+            for _ in range(40):
+                if holder:
+                    break
+                time.sleep(0.05)
+                holder = _read_holder(fd)
             os.close(fd)
             raise OutputDirLockedError(
                 f"output_dir {output_dir!r} is in use by another run ({_holder_text(holder)}; lock file {path}). "

@@ -17,7 +17,7 @@ import torch  # noqa: E402
 from peft import LoraConfig, get_peft_model  # noqa: E402
 from transformers import ViTConfig, ViTForImageClassification  # noqa: E402
 
-from saeft_hf.data import BorderCrop, CLIPImageTransform  # noqa: E402
+from saeft_hf.data import BorderCrop, CLIPImageTransform, random_subset  # noqa: E402
 from saeft_hf.evaluation import (  # noqa: E402
     IMAGENET_TEMPLATES,
     EvalSetSpec,
@@ -43,7 +43,6 @@ from saeft_hf.evaluation import (  # noqa: E402
     scale_lora,
     select_alpha,
     shift_averages,
-    subsample,
     wise_ft,
 )
 
@@ -159,11 +158,11 @@ def test_evaluate_accuracy_matches_manual_computation() -> None:
     acc = evaluate_accuracy(model, ds, tf, batch_size=4, progress=False)
     assert acc == pytest.approx(expected) and model.training
     assert evaluate_accuracy(model, ds.to_iterable_dataset(), tf, batch_size=5, progress=False) == pytest.approx(acc)
-    some = subsample(ds, 5, seed=3)
+    some = random_subset(ds, 5, seed=3)
     paths = [im["path"] for im in some["image"][:]]
     assert len(set(paths)) == 5 and paths == sorted(paths, key=lambda p: int(p[3:-4]))  # original order kept
     assert paths != [f"img{i}.png" for i in range(5)]  # random rows, not the first five
-    assert [im["path"] for im in subsample(ds, 5, seed=3)["image"][:]] == paths  # seeded
+    assert [im["path"] for im in random_subset(ds, 5, seed=3)["image"][:]] == paths  # seeded
     assert evaluate_accuracy(model, some, tf, progress=False) == pytest.approx(manual_accuracy(model.eval(), some, tf))
 
 
@@ -407,10 +406,15 @@ def test_holdout_split_is_seeded_disjoint_and_removed() -> None:
 def test_evaluation_is_fp32_after_mixed_precision_prepare() -> None:
     """accelerate's bf16 prepare wraps forward in autocast; evaluate_model scores the weights in fp32 anyway."""
     from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
 
     model = tiny_vit(4, seed=8)
     clean = copy.deepcopy(model)
-    prepared = Accelerator(cpu=True, mixed_precision="bf16").prepare_model(model)
+    AcceleratorState._reset_state(reset_partial_state=True)  # an earlier test's Accelerator may hold other settings
+    try:
+        prepared = Accelerator(cpu=True, mixed_precision="bf16").prepare_model(model)
+    finally:
+        AcceleratorState._reset_state(reset_partial_state=True)  # leave no bf16 state to the tests after this one
     x = torch.randn(4, 3, 16, 16, generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         assert prepared(pixel_values=x).logits.dtype == torch.float32  # converted back, but computed in bf16

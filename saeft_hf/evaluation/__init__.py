@@ -20,6 +20,7 @@ from ..imagenet_classes import (
     imagenet_classnames,
     objectnet_classnames,
 )
+from ..distributed import shard_range
 from .accuracy import (
     Counts,
     PixelSet,
@@ -29,9 +30,7 @@ from .accuracy import (
     pretransform,
     project_logits,
     shard_dataset,
-    shard_range,
     shift_averages,
-    subsample,
 )
 from .runner import (
     EvalReport,
@@ -102,7 +101,6 @@ __all__ = [
     "shard_dataset",
     "shard_range",
     "shift_averages",
-    "subsample",
     "wise_ft",
     "wise_ft_variants",
 ]

@@ -23,6 +23,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from ..distributed import shard_range
 from ..data import (
     AnyDataset,
     BorderCrop,
@@ -137,28 +138,6 @@ def pretransform(
     if not pixels:
         raise ValueError("pretransform got an empty dataset.")
     return PixelSet(torch.cat(pixels), torch.cat(labels))
-
-
-def subsample(dataset: AnyDataset, max_samples: int | None, seed: int = 0) -> AnyDataset:
-    """A seeded random subset of ``max_samples`` rows in their original order (the first N rows of a sorted folder
-    would be its first few classes). Streams: the first N examples (a stream has no random access)."""
-    if max_samples is None:
-        return dataset
-    if isinstance(dataset, datasets.IterableDataset):
-        return dataset.take(max_samples)
-    n = len(dataset)
-    if max_samples >= n:
-        return dataset
-    rows = np.sort(np.random.default_rng(seed).choice(n, size=max_samples, replace=False))
-    return dataset.select(rows.tolist())
-
-
-def shard_range(num_examples: int, process_index: int, num_processes: int) -> range:
-    """Rank ``process_index``'s contiguous slice of ``range(num_examples)``; the slices partition it exactly
-    (sizes differ by at most one, no padding)."""
-    if not 0 <= process_index < num_processes:
-        raise ValueError(f"process_index {process_index} is outside [0, {num_processes}).")
-    return range(num_examples * process_index // num_processes, num_examples * (process_index + 1) // num_processes)
 
 
 def shard_dataset(dataset: AnyDataset, process_index: int, num_processes: int) -> AnyDataset:

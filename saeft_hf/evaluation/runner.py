@@ -24,8 +24,8 @@ import torch
 from torch import nn
 
 from ..atomic import write_dir_atomic
-from ..data import AnyDataset
-from .accuracy import count_correct, shift_averages, subsample
+from ..data import AnyDataset, random_subset
+from .accuracy import count_correct, shift_averages
 from .specs import EvalSetSpec
 from .wise_ft import INITIAL_HEAD_FILE, WiseFTResult, load_initial_head, select_alpha, wise_ft, wise_ft_variants
 
@@ -305,7 +305,7 @@ def evaluate_model(
     else:
         alphas, known, variants = [], {}, {}
     variants.setdefault(1.0, model)  # alpha 1 is the fine-tuned model: the "final" numbers
-    reported = {name: (subsample(ds, max_samples, seed), spec) for name, (ds, spec) in sets.items()}
+    reported = {name: (random_subset(ds, max_samples, seed), spec) for name, (ds, spec) in sets.items()}
     scored = {**reported, **(holdout_sets if sweep else {})}
     counts = count_correct(variants, scored, transform, batch_size=batch_size, num_workers=num_workers,
                            autocast_dtype=torch.bfloat16 if bf16 else None, skip_corrupt_images=skip_corrupt_images,
