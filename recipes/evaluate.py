@@ -78,7 +78,11 @@ def main(argv: list[str]) -> dict:
         loaded = load_for_evaluation(args.model_name_or_path, classnames=_lines(args.classnames_file),
                                      templates=_lines(args.templates_file))
         specs = load_eval_specs(args.eval_sets_config)
-        sets = load_eval_sets(specs, streaming=args.streaming, cache_dir=args.cache_dir)
+        # Class folders are labelled by the head's own classes (its id2label), as in the training run.
+        config = getattr(loaded.model, "config", None)
+        id2label = getattr(config, "id2label", None) or {}
+        head_labels = [id2label[i] for i in sorted(id2label)] if id2label else None
+        sets = load_eval_sets(specs, streaming=args.streaming, cache_dir=args.cache_dir, head_labels=head_labels)
     pretrained = loaded.wise_ft_pretrained() if args.wise_ft_alphas else None
     report = evaluate_model(
         loaded.model, {s.name: sets[s.name] for s in specs if s.role != "holdout"}, transform_for(loaded),

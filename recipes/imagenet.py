@@ -191,7 +191,7 @@ def main(argv: list[str]) -> None:
         # The ID set of the spec file is replaced by the run's own validation split when there is one.
         specs = [s for s in load_eval_specs_checked(data_args.eval_sets_config, len(classnames))
                  if s.role != "id" or validation is None]
-        eval_sets.update(load_eval_sets(specs))
+        eval_sets.update(load_eval_sets(specs, head_labels=classnames))
         shift_names = [s.name for s in specs if s.role == "shift"]  # `other` and `holdout` sets are in no average
         id_name = next((s.name for s in specs if s.role == "id"), id_name)
 

@@ -36,6 +36,7 @@ from saeft_hf.evaluation import (  # noqa: E402
     imagenet_wnids,
     interpolate_state_dicts,
     load_eval_dataset,
+    load_eval_sets,
     load_eval_specs,
     objectnet_class_groups,
     objectnet_folders,
@@ -469,3 +470,23 @@ def test_known_alphas_are_not_scored_again() -> None:
     with pytest.raises(ValueError, match="lack the sets"):
         evaluate_model(ft, sets, tf, pretrained=pre, wise_ft_alphas=[0.0, 1.0], holdout_sets=holdout,
                        known={0.0: {"val": 0.5}})
+
+
+def test_class_folders_are_labelled_by_the_heads_classes(tmp_path) -> None:
+    """A `full` eval set of class folders scores against any head: each folder gets the head position of its class
+    (by name, or a wnid by its curated name), not its ImageNet index; without a head, ImageNet indices as before."""
+    from helpers import make_image_folder
+
+    wnids = ["n01443537", "n02119022", "n02123045"]  # goldfish, red fox, tabby cat
+    root = make_image_folder(tmp_path / "shift", per_class=2, names=wnids)
+    spec = EvalSetSpec(name="shift", data_dir=str(root))
+
+    def label_of_folder(ds) -> dict[str, int]:
+        paths = ds.cast_column("image", datasets.Image(decode=False))["image"]
+        return {Path(im["path"]).parent.name: label for im, label in zip(paths, ds["label"])}
+
+    head = ["tabby cat", "goldfish", "red fox"]  # another order than the folders'
+    ds, _ = load_eval_sets([spec], head_labels=head, cache_dir=str(tmp_path / "c"))["shift"]
+    assert label_of_folder(ds) == {"n01443537": 1, "n02119022": 2, "n02123045": 0}
+    imagenet, _ = load_eval_sets([spec], cache_dir=str(tmp_path / "c2"))["shift"]
+    assert label_of_folder(imagenet) == {"n01443537": 1, "n02119022": 277, "n02123045": 281}

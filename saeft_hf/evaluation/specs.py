@@ -19,6 +19,7 @@ from ..data import (
 )
 from ..imagenet_classes import (
     imagenet_a_indices,
+    imagenet_classnames,
     imagenet_r_indices,
     imagenet_wnids,
     objectnet_class_groups,
@@ -209,13 +210,39 @@ def load_eval_specs(source: str | os.PathLike[str] | Mapping[str, Any] | Sequenc
     return specs
 
 
-def _align_labels(ds: AnyDataset, spec: EvalSetSpec) -> AnyDataset:
-    """Map ClassLabel names (folder names) to the evaluation label space of ``spec``; see :class:`EvalSetSpec`."""
+def _head_positions(names: Sequence[str], head_labels: Sequence[str]) -> dict[str, int] | None:
+    """Folder name -> position in the head's classes (`id2label` order: the recipe's readable class names), by the
+    name itself or, for an ImageNet wnid, by its curated name; None when some folder is not one of the head's, or
+    when the head's names are ambiguous (a repeated name)."""
+    if len(set(head_labels)) != len(head_labels):
+        return None
+    position = {label: i for i, label in enumerate(head_labels)}
+    curated = dict(zip(imagenet_wnids(), imagenet_classnames()))
+    mapping = {}
+    for name in names:
+        index = position.get(name, position.get(curated.get(name, ""), None))
+        if index is None:
+            return None
+        mapping[name] = index
+    return mapping
+
+
+def _align_labels(ds: AnyDataset, spec: EvalSetSpec, head_labels: Sequence[str] | None = None) -> AnyDataset:
+    """Map ClassLabel names (folder names) to the evaluation label space of ``spec``; see :class:`EvalSetSpec`.
+
+    ``head_labels``: the evaluated head's classes in label order (its ``id2label``). A ``full`` set whose folders
+    are all among them (by name, or an ImageNet wnid by its curated name) is labelled by their positions, so class
+    folders score correctly against any head, not only a 1000-way ImageNet one.
+    """
     feature = (ds.features or {}).get("label")
     if not isinstance(feature, datasets.ClassLabel):
         return ds  # integer labels (webdataset cls, relabelled numeric folders): used as given
     names = list(feature.names)
     folders = spec.folders()
+    if head_labels and spec.kind == "full" and folders is None:
+        mapping = _head_positions(names, head_labels)
+        if mapping is not None:
+            return relabel_by_name(ds, mapping)
     if folders is not None:
         mapping = {folder: position for position, folder in enumerate(folders)}
         missing = [f for f in folders if f not in set(names)]
@@ -246,8 +273,10 @@ def load_eval_dataset(
     streaming: bool = False,
     token: str | bool | None = None,
     cache_dir: str | None = None,
+    head_labels: Sequence[str] | None = None,
 ) -> AnyDataset:
-    """Load the raw (``image`` undecoded, ``label``) dataset of ``spec`` with labels in its evaluation space."""
+    """Load the raw (``image`` undecoded, ``label``) dataset of ``spec`` with labels in its evaluation space
+    (``head_labels``: the evaluated head's class names in label order; see ``_align_labels``)."""
     common: dict[str, Any] = {
         "streaming": streaming, "image_column": spec.image_column, "label_column": spec.label_column,
         "numeric_folder_labels": spec.numeric_folder_labels, "token": token, "cache_dir": cache_dir,
@@ -257,7 +286,7 @@ def load_eval_dataset(
     else:
         ds = load_image_dataset(dataset_name=spec.dataset_name, dataset_config_name=spec.dataset_config_name,
                                 data_dir=spec.data_dir, data_files=spec.data_files, split=spec.split, **common)
-    return _align_labels(ds, spec)
+    return _align_labels(ds, spec, head_labels)
 
 
 def load_eval_sets(
@@ -266,6 +295,8 @@ def load_eval_sets(
     streaming: bool = False,
     token: str | bool | None = None,
     cache_dir: str | None = None,
+    head_labels: Sequence[str] | None = None,
 ) -> dict[str, tuple[AnyDataset, EvalSetSpec]]:
-    """``{spec.name: (dataset, spec)}`` for :func:`evaluate_sets`."""
-    return {s.name: (load_eval_dataset(s, streaming=streaming, token=token, cache_dir=cache_dir), s) for s in specs}
+    """``{spec.name: (dataset, spec)}`` for :func:`evaluate_sets` (``head_labels``: see :func:`load_eval_dataset`)."""
+    return {s.name: (load_eval_dataset(s, streaming=streaming, token=token, cache_dir=cache_dir,
+                                       head_labels=head_labels), s) for s in specs}
