@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
+import importlib.util
 import json
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -81,3 +84,18 @@ def torchrun(nproc: int = 2) -> list[str]:
     port itself: other suites may run torchrun on this machine at the same time, and a port probed free here could
     be taken before torchrun binds it."""
     return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc)]
+
+
+@contextlib.contextmanager
+def recipe_module(name: str, module_name: str) -> Iterator[object]:
+    """Import `recipes/<name>.py` as `module_name` (registered while in use: dataclasses resolve annotations through
+    `sys.modules`), and forget it afterwards."""
+    path = Path(__file__).resolve().parents[1] / "recipes" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(module_name, path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[module_name] = module
+    try:
+        spec.loader.exec_module(module)
+        yield module
+    finally:
+        sys.modules.pop(module_name, None)

@@ -15,10 +15,8 @@ eval-set specs, tokenizer, SAE weights and keys) are in test_validation.py.
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
-import sys
 from pathlib import Path
 
 import datasets
@@ -27,7 +25,7 @@ import torch
 from safetensors.torch import load_file
 from transformers import TrainerCallback
 
-from helpers import CLASSNAMES, TEMPLATES, make_image_folder, make_tiny_clip
+from helpers import CLASSNAMES, TEMPLATES, make_image_folder, make_tiny_clip, recipe_module
 from saeft_hf import SAEConfig, SAEFTConfig, SAEFTTrainer, SAEMismatchError, SparseAutoencoder, train_sae
 from saeft_hf.data import CorruptImageError, load_image_dataset
 from saeft_hf.lora import add_lora
@@ -46,12 +44,8 @@ def clip_dir(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def recipe(tmp_path_factory):
-    spec = importlib.util.spec_from_file_location("imagenet_recipe_bad_inputs", ROOT / "recipes" / "imagenet.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses resolve annotations through it
-    spec.loader.exec_module(module)
-    yield module
-    sys.modules.pop(spec.name, None)
+    with recipe_module("imagenet", "imagenet_recipe_bad_inputs") as module:
+        yield module
 
 
 def args(tmp_path, **kw) -> SAEFTConfig:

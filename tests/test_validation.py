@@ -6,13 +6,11 @@ comes before any model, SAE embedding pass or checkpoint exists.
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import logging
 import math
 import re
 import shutil
-import sys
 import time
 from pathlib import Path
 
@@ -22,7 +20,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from transformers import ViTConfig
 
-from helpers import CLASSNAMES, TEMPLATES, make_image_folder, make_tiny_clip
+from helpers import CLASSNAMES, TEMPLATES, make_image_folder, make_tiny_clip, recipe_module
 from saeft_hf import SAEConfig, SAEFTConfig, SparseAutoencoder
 from saeft_hf.data import load_image_dataset
 from saeft_hf.evaluation import EvalSetSpec
@@ -61,12 +59,8 @@ def clip_dir(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def recipe():
-    spec = importlib.util.spec_from_file_location("imagenet_recipe_validation", ROOT / "recipes" / "imagenet.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses resolve annotations through it
-    spec.loader.exec_module(module)
-    yield module
-    sys.modules.pop(spec.name, None)
+    with recipe_module("imagenet", "imagenet_recipe_validation") as module:
+        yield module
 
 
 def args(tmp_path, **kw) -> SAEFTConfig:
