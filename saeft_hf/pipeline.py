@@ -475,9 +475,19 @@ def run_saeft(
         sae_file = os.path.join(sae_dir, "model.safetensors")
         # Keyed on its settings and images: a re-run with other ones must not silently reuse it.
         key = sae_training_key(model_args, seed=training_args.seed, data_fingerprint=dataset_fingerprint(train_dataset))
-        resuming = bool(training_args.resume_from_checkpoint)
-        reusable = os.path.isfile(sae_file) and reuse_trained_sae(
-            SparseAutoencoder.from_pretrained(sae_dir).config.provenance, key, sae_dir, resuming=resuming)
+        reusable, refusal = False, None
+        if os.path.isfile(sae_file):
+            if training_args.should_save:  # the writing process judges the key; it goes first below
+                try:
+                    reusable = reuse_trained_sae(SparseAutoencoder.from_pretrained(sae_dir).config.provenance, key,
+                                                 sae_dir, resuming=bool(training_args.resume_from_checkpoint))
+                except SAEFTConfigError as err:
+                    refusal = err
+            else:
+                reusable = True  # the others load what it leaves (their fingerprints may differ across nodes)
+        # Every rank learns a refusal, so none waits at the collective pass below for one that already failed.
+        if not all_ranks_agree(refusal is None):
+            raise refusal or SAEFTConfigError(f"The process that writes {sae_dir} refused it (see its error).")
         embeddings = None
         # Decided by all ranks together: the embedding pass below is collective, so no rank may skip it alone.
         if not all_ranks_agree(reusable):
