@@ -322,8 +322,10 @@ def run_saeft(
                                    data_fingerprint=data_fingerprint(train_dataset))
             if os.path.isfile(os.path.join(sae_dir, "model.safetensors")):
                 previous = SparseAutoencoder.from_pretrained(sae_dir)  # resuming (or another rank): reuse it
-                if reuse_trained_sae(previous.config.provenance, key, sae_dir,
-                                     resuming=bool(training_args.resume_from_checkpoint)):
+                # Only the writing process judges the key (it went first); the others load what it left, so no two
+                # processes ever train or write the SAE (their dataset fingerprints may differ across nodes).
+                if not training_args.should_save or reuse_trained_sae(
+                        previous.config.provenance, key, sae_dir, resuming=bool(training_args.resume_from_checkpoint)):
                     sae = previous
                 elif any(previous.config.provenance.get(k) != key[k] for k in ("model", "representation", "data",
                                                                                "max_samples")):
