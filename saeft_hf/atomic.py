@@ -58,22 +58,37 @@ def publish_dir(staged: str | Path, final: str | Path) -> None:
         shutil.rmtree(retired, ignore_errors=True)
 
 
-def write_text_atomic(path: str | Path, text: str) -> Path:
-    """Write `text` to `path` through a temporary file and `os.replace`."""
+def write_file_atomic(path: str | Path, write: Callable[[Path], object]) -> Path:
+    """Call `write(tmp_file)` to write a file next to `path`, flush it, then `os.replace` it onto `path`.
+
+    On failure the temporary file is removed and an existing `path` is left as it was. The temporary name carries
+    the process id, so two processes never write the same temporary file.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f"{STAGING_PREFIX}{path.name}")
+    tmp = path.with_name(f"{STAGING_PREFIX}{path.name}.{os.getpid()}")
     try:
-        with open(tmp, "w", encoding="utf-8") as fh:
-            fh.write(text)
-            fh.flush()
-            os.fsync(fh.fileno())
+        write(tmp)
+        fd = os.open(tmp, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
     fsync_dir(path.parent)
     return path
+
+
+def write_text_atomic(path: str | Path, text: str) -> Path:
+    """Write `text` to `path` through a temporary file and `os.replace`."""
+    def write(tmp: Path) -> None:
+        with open(tmp, "w", encoding="utf-8") as fh:
+            fh.write(text)
+
+    return write_file_atomic(path, write)
 
 
 def write_dir_atomic(path: str | Path, write: Callable[[Path], object]) -> Path:

@@ -11,7 +11,6 @@ rebuilt; unreadable (truncated, not safetensors), logged and rebuilt. A stale ca
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import logging
@@ -26,6 +25,8 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 from torch.utils.data import Subset
+
+from .atomic import write_file_atomic
 
 logger = logging.getLogger(__name__)
 
@@ -183,16 +184,11 @@ def save_cached_tensors(path: str | os.PathLike[str], tensors: Mapping[str, torc
     A cache is an optimisation: when it cannot be written (disk full, read-only folder) the failure is logged and
     the run goes on with the tensors it has; no partial file is left behind.
     """
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")  # unique per writer: no two processes share a tmp file
     meta = {_META_KEY: json.dumps(dict(key), sort_keys=True, default=str)}
+    cpu = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp), metadata=meta)
-        os.replace(tmp, path)
+        write_file_atomic(path, lambda tmp: save_file(cpu, str(tmp), metadata=meta))
     except OSError as err:
-        with contextlib.suppress(OSError):
-            tmp.unlink(missing_ok=True)
         logger.warning("Could not write the cache %s (%s: %s); continuing without it (the next run recomputes it).",
                        path, type(err).__name__, err)
 

@@ -31,7 +31,7 @@ from .data import (
     with_image_transform,
 )
 from .cache import cache_dir, dataset_fingerprint, embedding_cache_key
-from .distributed import all_ranks_agree, is_main_process
+from .distributed import all_ranks_agree
 from .embeddings import add_reference_embeddings, compute_embeddings
 from .evaluation import (
     evaluate_model,
@@ -165,8 +165,7 @@ def build_model(
     """
     cache = cache_dir(output_dir) / "zeroshot_head.safetensors" if output_dir else None
     return from_clip(model_args.model_name_or_path, classnames, templates, representation=model_args.representation,
-                     device=device, distributed=distributed, cache_path=cache,
-                     progress=not distributed or is_main_process())
+                     device=device, distributed=distributed, cache_path=cache)  # progress on the main process only
 
 
 def autocast_dtype_for(training_args: SAEFTConfig) -> torch.dtype | None:
@@ -211,8 +210,7 @@ def sae_training_embeddings(
     return compute_embeddings(
         model, images, batch_size=model_args.embedding_batch_size, cache_path=cache, cache_key=key, device=device,
         autocast_dtype=autocast_dtype, num_workers=num_workers, distributed=distributed,
-        progress=not distributed or is_main_process(),
-    )
+    )  # its progress bar shows on the main process only
 
 
 def train_sae_for_model(
@@ -272,8 +270,7 @@ def init_linear_probe_head(model: Any, dataset: Any, eval_transform: Callable[[A
     try:
         features, labels = compute_embeddings(base, images, batch_size=batch_size, return_labels=True, device=device,
                                               autocast_dtype=autocast_dtype, num_workers=num_workers,
-                                              distributed=distributed, cache_path=cache, cache_key=key,
-                                              progress=not distributed or is_main_process())
+                                              distributed=distributed, cache_path=cache, cache_key=key)
     finally:
         base.config.representation = rep
     weight, bias = fit_linear_probe(features, labels, base.config.num_labels, init_weight=base.classifier.weight.detach(),

@@ -99,3 +99,13 @@ def recipe_module(name: str, module_name: str) -> Iterator[object]:
         yield module
     finally:
         sys.modules.pop(module_name, None)
+
+
+def tiny_run_config(output_dir, **overrides):
+    """An `SAEFTConfig` for a few CPU steps of a tiny run in `output_dir` (batch 4, lr 1e-3, no saving, no workers)."""
+    from saeft_hf import SAEFTConfig
+
+    base = dict(output_dir=str(output_dir), per_device_train_batch_size=4, max_steps=1, learning_rate=1e-3,
+                warmup_steps=0, logging_steps=1, use_cpu=True, report_to="none", save_strategy="no",
+                dataloader_num_workers=0, seed=0)
+    return SAEFTConfig(**{**base, **overrides})

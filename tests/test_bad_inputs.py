@@ -25,7 +25,7 @@ import torch
 from safetensors.torch import load_file
 from transformers import TrainerCallback
 
-from helpers import CLASSNAMES, TEMPLATES, make_image_folder, make_tiny_clip, recipe_module
+from helpers import CLASSNAMES, TEMPLATES, make_image_folder, make_tiny_clip, recipe_module, tiny_run_config
 from saeft_hf import SAEConfig, SAEFTConfig, SAEFTTrainer, SAEMismatchError, SparseAutoencoder, train_sae
 from saeft_hf.data import CorruptImageError, load_image_dataset
 from saeft_hf.lora import add_lora
@@ -49,10 +49,7 @@ def recipe(tmp_path_factory):
 
 
 def args(tmp_path, **kw) -> SAEFTConfig:
-    base = dict(output_dir=str(tmp_path), per_device_train_batch_size=4, max_steps=2, learning_rate=1e-3,
-                warmup_steps=0, logging_steps=1, use_cpu=True, report_to="none", save_strategy="no",
-                dataloader_num_workers=0, seed=0)
-    return SAEFTConfig(**{**base, **kw})
+    return tiny_run_config(tmp_path, **{'max_steps': 2, **kw})
 
 
 def pixel_dataset(n: int = 8) -> datasets.Dataset:

@@ -20,7 +20,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from transformers import ViTConfig
 
-from helpers import CLASSNAMES, TEMPLATES, make_image_folder, make_tiny_clip, recipe_module
+from helpers import CLASSNAMES, TEMPLATES, make_image_folder, make_tiny_clip, recipe_module, tiny_run_config
 from saeft_hf import SAEConfig, SAEFTConfig, SparseAutoencoder
 from saeft_hf.data import load_image_dataset
 from saeft_hf.evaluation import EvalSetSpec
@@ -64,10 +64,7 @@ def recipe():
 
 
 def args(tmp_path, **kw) -> SAEFTConfig:
-    base = dict(output_dir=str(tmp_path), per_device_train_batch_size=4, max_steps=1, learning_rate=1e-3,
-                warmup_steps=0, logging_steps=1, use_cpu=True, report_to="none", save_strategy="no",
-                dataloader_num_workers=0, seed=0)
-    return SAEFTConfig(**{**base, **kw})
+    return tiny_run_config(tmp_path, **{'max_steps': 1, **kw})
 
 
 def model_args(clip_dir, **kw) -> ModelArguments:
