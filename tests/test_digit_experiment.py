@@ -13,8 +13,8 @@ REQUIRED = {"zeroshot", "ft", "lp_ft", "wise_ft", "feature_distill", "l2sp", "sa
 @pytest.fixture(scope="module")
 def quick_results(tmp_path_factory):
     out = tmp_path_factory.mktemp("demo")
-    cfg = DigitExperimentConfig(output_dir=str(out), seeds=[0], max_steps=3, batch_size=32, max_eval_samples=40,
-                                max_train_samples=200, sae_epochs=2)
+    cfg = DigitExperimentConfig(output_dir=str(out), seeds=[0], methods=["all"], max_steps=3, batch_size=32,
+                                max_eval_samples=40, max_train_samples=200, sae_epochs=2)
     run_digit_experiment(cfg)
     return out
 

@@ -21,7 +21,7 @@ pool                    250  ``pretrain`` (clean, plus one noise, one blur and o
 finetune              2,750  ``finetune`` (clean only)
 validation              500  ``validation`` (clean, ID model selection, e.g. the WiSE-FT alpha)
 id_test               1,000  ``id_test`` (clean) and the corrupted shift tests ``noise``/``blur``/``contrast``
-tune                    500  ``tune_shift`` (salt-and-pepper copies only)
+tune                    500  ``tune_shift`` (salt-and-pepper), ``tune_pixelate``, ``tune_shear`` (3 severities each)
 ====================  =====  ==========================================================================
 
 The corrupted shift tests are built from the *id_test* images: each of the 1,000 images appears once at every
@@ -84,9 +84,13 @@ SHIFT_SPLITS: tuple[str, ...] = ("uci", "printed", "noise", "blur", "contrast")
 ID_TEST_SPLIT = "id_test"
 #: Held-out shift used only to choose hyper-parameters; never reported.
 TUNE_SHIFT_SPLIT = "tune_shift"
+#: Held-out shift families that only choose hyper-parameters (docs/tuning_protocol.md): never reported, never in the
+#: pre-training pool: printed digits in fonts the pool never shows (the DejaVu/STIX fonts bundled with matplotlib),
+#: pixelated MNIST and sheared MNIST (both from the ``tune`` block, like ``tune_shift``).
+TUNING_SPLITS: tuple[str, ...] = ("tune_fonts", "tune_pixelate", "tune_shear")
 #: All splits returned by `build_digit_benchmark`, in order.
 ALL_SPLITS: tuple[str, ...] = (
-    "pretrain", "finetune", "validation", ID_TEST_SPLIT, *SHIFT_SPLITS, TUNE_SHIFT_SPLIT,
+    "pretrain", "finetune", "validation", ID_TEST_SPLIT, *SHIFT_SPLITS, TUNE_SHIFT_SPLIT, *TUNING_SPLITS,
 )
 #: Data seed of the pool the bundled checkpoint was pre-trained on.
 BUNDLED_DATA_SEED = 0
@@ -107,6 +111,13 @@ MNIST_PER_CLASS: dict[str, int] = {"pool": 25, "finetune": 275, "validation": 50
 UCI_POOL_SIZE = 900
 PRINTED_POOL_SIZE = 3000
 PRINTED_TEST_SIZE = 3000
+TUNE_FONTS_SIZE = 1000
+#: Fonts of ``tune_fonts`` (files in matplotlib's mpl-data/fonts/ttf): none is Pillow's default font, which renders
+#: every other printed digit.
+TUNE_FONT_FILES: tuple[str, ...] = (
+    "DejaVuSans.ttf", "DejaVuSans-Bold.ttf", "DejaVuSerif.ttf", "DejaVuSerif-Bold.ttf", "DejaVuSansMono.ttf",
+    "DejaVuSansMono-Bold.ttf", "STIXGeneral.ttf", "STIXGeneralBol.ttf",
+)
 
 #: Reported corruptions (each its own shift split) and the held-out tuning corruption.
 CORRUPTIONS: tuple[str, ...] = ("noise", "blur", "contrast")
@@ -118,6 +129,8 @@ SEVERITIES: dict[str, tuple[float, ...]] = {
     "blur": (1.0, 1.5, 2.0),
     "contrast": (0.3, 0.2, 0.12),
     "salt_pepper": (0.04, 0.08, 0.12),
+    "pixelate": (14, 10, 7),  # side (px) of the box-downsampled image, shown back at 28 px with nearest neighbours
+    "shear": (0.25, 0.4, 0.55),  # horizontal shear factor (random sign)
 }
 
 #: Pre-training caption templates per pool source (``{}`` = class word or numeral).
@@ -202,21 +215,26 @@ def load_uci() -> tuple[np.ndarray, np.ndarray]:
 _RENDER_SCALE = 2  # render at 2x (56 px) then downsample: anti-aliased strokes like a scanned print
 
 
-@functools.lru_cache(maxsize=64)
-def _font(size_px: int) -> ImageFont.FreeTypeFont | ImageFont.ImageFont:
-    return ImageFont.load_default(size=size_px)
+@functools.lru_cache(maxsize=256)
+def _font(size_px: int, font_file: str | None = None) -> ImageFont.FreeTypeFont | ImageFont.ImageFont:
+    if font_file is None:
+        return ImageFont.load_default(size=size_px)
+    import matplotlib
+
+    return ImageFont.truetype(str(Path(matplotlib.get_data_path()) / "fonts" / "ttf" / font_file), size_px)
 
 
-def render_printed_digit(label: int, rng: np.random.Generator) -> np.ndarray:
+def render_printed_digit(label: int, rng: np.random.Generator, font_file: str | None = None) -> np.ndarray:
     """Render one printed digit, uint8 [28, 28], white on black.
 
     Seeded variation (at 28 px scale): font size 18-30 px (glyph height ~13-22 px, MNIST's is ~20), stroke
     0-0.5 px (small fonts) to 0-1.5 px (large fonts), rotation +-15 degrees, centre offset +-3 px.
+    `font_file`: a font of matplotlib's bundled set (``TUNE_FONT_FILES``) instead of Pillow's default.
     """
     s = _RENDER_SCALE
     canvas = IMAGE_SIZE * s
     size_px = int(round(rng.uniform(18.0, 30.0) * s))
-    font = _font(size_px)
+    font = _font(size_px, font_file)
     # Bold strokes close the loops of small glyphs (a 9 turns into a blob), so the max stroke grows with size.
     stroke = int(rng.integers(0, size_px // 20 + 1))  # 0..1 px at 2x for the smallest, 0..3 for the largest
     angle = float(rng.uniform(-15.0, 15.0))
@@ -238,13 +256,16 @@ def _image_key(a: np.ndarray) -> bytes:
     return hashlib.blake2b(np.ascontiguousarray(a).tobytes(), digest_size=16).digest()
 
 
-def _render_printed_set(labels: np.ndarray, rng: np.random.Generator, taken: set[bytes]) -> np.ndarray:
+def _render_printed_set(labels: np.ndarray, rng: np.random.Generator, taken: set[bytes],
+                        fonts: Sequence[str] | None = None) -> np.ndarray:
     """Render one image per label [N] -> uint8 [N, 28, 28]; re-draws any image whose bytes are in `taken`
-    (so pool and test are disjoint at the pixel level, not just by parameters). Updates `taken`."""
+    (so pool and test are disjoint at the pixel level, not just by parameters). Updates `taken`.
+    `fonts`: draw each image's font from these files (default: Pillow's font only)."""
     out = np.empty((len(labels), IMAGE_SIZE, IMAGE_SIZE), dtype=np.uint8)
     for i, lab in enumerate(labels):
         while True:
-            a = render_printed_digit(int(lab), rng)
+            font_file = fonts[int(rng.integers(len(fonts)))] if fonts else None
+            a = render_printed_digit(int(lab), rng, font_file)
             k = _image_key(a)
             if k not in taken:
                 taken.add(k)
@@ -265,9 +286,9 @@ def apply_corruption(
 
     Args:
         images: uint8 [N, 28, 28], white on black.
-        kind: one of ``SEVERITIES`` (``noise``, ``blur``, ``contrast``, ``salt_pepper``).
+        kind: one of ``SEVERITIES`` (``noise``, ``blur``, ``contrast``, ``salt_pepper``, ``pixelate``, ``shear``).
         levels: int [N], severity index per image into ``SEVERITIES[kind]``.
-        rng: the generator that draws the noise (unused by blur/contrast).
+        rng: the generator that draws the noise and the shear's sign (unused by blur/contrast/pixelate).
     Returns:
         uint8 [N, 28, 28].
     """
@@ -279,6 +300,21 @@ def apply_corruption(
         return np.stack([
             np.asarray(Image.fromarray(a, "L").filter(ImageFilter.GaussianBlur(radius=float(r))))
             for a, r in zip(images, params)
+        ])
+    elif kind == "pixelate":
+        return np.stack([
+            np.asarray(Image.fromarray(a, "L").resize((int(p), int(p)), Image.Resampling.BOX)
+                       .resize((IMAGE_SIZE, IMAGE_SIZE), Image.Resampling.NEAREST))
+            for a, p in zip(images, params)
+        ])
+    elif kind == "shear":
+        signs = np.where(rng.random(len(images)) < 0.5, -1.0, 1.0)
+        c = IMAGE_SIZE / 2
+        return np.stack([
+            np.asarray(Image.fromarray(a, "L").transform((IMAGE_SIZE, IMAGE_SIZE), Image.Transform.AFFINE,
+                                                         (1.0, sh, -sh * c, 0.0, 1.0, 0.0),
+                                                         resample=Image.Resampling.BILINEAR, fillcolor=0))
+            for a, sh in zip(images, params * signs)
         ])
     elif kind == "contrast":
         # ImageNet-C style: shrink around the per-image mean (digits become dim grey on dark grey).
@@ -438,6 +474,13 @@ def build_digit_benchmark(seed: int = 0) -> datasets.DatasetDict:
     tune_idx = plan.mnist["tune"]
     tx, ty, _ = _all_severities(mx[tune_idx], my[tune_idx], TUNE_CORRUPTION, _rng(seed, "test/tune"))
     splits[TUNE_SHIFT_SPLIT] = _to_dataset(tx, ty)
+    # Tuning families (each from its own stream, so adding them changed no other split).
+    font_y = _rng(seed, "tune/fonts/labels").permutation(np.arange(TUNE_FONTS_SIZE) % len(CLASSNAMES))
+    splits["tune_fonts"] = _to_dataset(_render_printed_set(font_y, _rng(seed, "tune/fonts"), taken, TUNE_FONT_FILES),
+                                       font_y)
+    for kind in ("pixelate", "shear"):
+        kx, ky, _ = _all_severities(mx[tune_idx], my[tune_idx], kind, _rng(seed, f"tune/{kind}"))
+        splits[f"tune_{kind}"] = _to_dataset(kx, ky)
     return datasets.DatasetDict({k: splits[k] for k in ALL_SPLITS})
 
 

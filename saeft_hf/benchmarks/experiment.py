@@ -7,29 +7,39 @@ pre-training pool. Writes `results.json`, `results.md` and `robustness.png` into
 from __future__ import annotations
 
 import copy
+import functools
+import hashlib
+import dataclasses
 import importlib.metadata
 import logging
 import os
 import platform
 import time
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import numpy as np
+import datasets
 import torch
+import yaml
 
 from ..config import SAEFTConfig
 from ..data import transforms_from_pretrained, with_image_transform
 from ..embeddings import compute_embeddings
 from ..evaluation import evaluate_sets, pretransform, shift_averages
+from ..evaluation.accuracy import PixelSet
 from ..hub import save_results
 from ..pipeline import ModelArguments, run_saeft
 from ..sae import SAEConfig, SparseAutoencoder
 from ..sae_training import train_sae
 from ..zeroshot import fit_linear_probe, from_clip, set_head
-from .digits import CLASSNAMES, ID_TEST_SPLIT, SHIFT_SPLITS, TEMPLATES, TUNE_SHIFT_SPLIT, build_digit_benchmark, split_sizes, tiny_clip_path
+from .curves import GAIN_RULE, curve_points, gain_over_wise_curve
+from .digits import (
+    CLASSNAMES, ID_TEST_SPLIT, SHIFT_SPLITS, TEMPLATES, TUNE_SHIFT_SPLIT, TUNING_SPLITS, build_digit_benchmark,
+    split_sizes, tiny_clip_path,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -37,7 +47,14 @@ ALL_METHODS: tuple[str, ...] = (
     "zeroshot", "linear_probe", "ft", "lp_ft", "wise_ft", "l2sp", "feature_distill", "sae_ft", "sae_ft_wise",
     "sae_ft_paper", "lora_ft", "lora_sae_ft",
 )
+#: What `make demo` runs: the paper's comparison (zero-shot, FT, WiSE-FT, SAE-FT, SAE-FT + WiSE-FT) and the
+#: feature report, in under 4 minutes on 2 cores. `--methods all` runs every method.
+DEMO_METHODS: tuple[str, ...] = ("zeroshot", "ft", "wise_ft", "sae_ft", "sae_ft_wise")
 WISE_ALPHAS: tuple[float, ...] = (0.0, 0.2, 0.4, 0.6, 0.8, 1.0)
+#: The fine-tuning methods a variant can build on (methods with a run of their own).
+RUN_METHODS: tuple[str, ...] = tuple(m for m in ALL_METHODS if m not in ("zeroshot", "linear_probe", "wise_ft", "sae_ft_wise"))
+#: Name of the alpha-selection set built from `validation` and the tuning families (`wise_select_on: tuning`).
+SELECTION_SET = "selection"
 
 
 @dataclass
@@ -46,7 +63,43 @@ class DigitExperimentConfig:
 
     output_dir: str = field(default="outputs/demo", metadata={"help": "Where results.json/.md and robustness.png go."})
     seeds: list[int] = field(default_factory=lambda: [0], metadata={"help": "Fine-tuning seeds."})
-    methods: list[str] = field(default_factory=lambda: list(ALL_METHODS), metadata={"help": "Methods to run."})
+    methods: list[str] = field(
+        default_factory=lambda: list(DEMO_METHODS),
+        metadata={"help": "Methods (and variants of --variants_file) to run; `all` = every built-in method."},
+    )
+    variants_file: str | None = field(
+        default=None,
+        metadata={"help": "YAML of named variants, `{variants: {name: {base: sae_ft, wise: false, settings: {...}}}}`; "
+                          "settings are fields of this config (e.g. sae_ft_lambda_reg, representation, sae_d_sae)."},
+    )
+    wise_alphas: list[float] = field(
+        default_factory=lambda: list(WISE_ALPHAS), metadata={"help": "WiSE-FT sweep alphas (0 and 1 included)."}
+    )
+    wise_select_on: str = field(
+        default="validation",
+        metadata={"help": "What chooses WiSE-FT's alpha: `validation` (held-out clean ID) or `tuning` (accuracy on "
+                          "validation + the --tuning_splits families, docs/tuning_protocol.md)."},
+    )
+    tuning_splits: list[str] = field(
+        default_factory=lambda: list(TUNING_SPLITS),
+        metadata={"help": "Held-out tuning shift families (evaluated with --wise_select_on tuning; never reported)."},
+    )
+    representation: str = field(
+        default="image_embeds",
+        metadata={"help": "What the SAE-FT penalty and its SAE see (ModelArguments.representation), e.g. "
+                          "hidden_states.-1.cls."},
+    )
+    sae_data: str = field(
+        default="pretrain", metadata={"help": "What the SAE is trained on: `pretrain` (the broad pool) or `finetune`."}
+    )
+    clip_name_or_path: str | None = field(
+        default=None,
+        metadata={"help": "The pre-trained tiny CLIP (default: the bundled one); e.g. a second pre-training seed from "
+                          "recipes/pretrain_tiny_clip.py --seed 1 (same data seed, so the splits stay disjoint)."},
+    )
+    sae_cache_dir: str | None = field(
+        default=None, metadata={"help": "Keep trained SAEs here, one folder per SAE setting, and reuse them."}
+    )
     epochs: float = field(default=5.0, metadata={"help": "Fine-tuning epochs (every method)."})
     max_steps: int = field(default=-1, metadata={"help": "If > 0, overrides epochs (quick runs)."})
     batch_size: int = field(default=64, metadata={"help": "Fine-tuning batch size."})
@@ -90,14 +143,19 @@ def _versions() -> dict[str, str]:
     return out
 
 
-def train_benchmark_sae(model: Any, pool: Any, eval_transform: Any, cfg: DigitExperimentConfig, out_dir: str) -> SparseAutoencoder:
-    """The SAE on the pre-trained model's embeddings of the broad pre-training pool (like ImageNet-train)."""
-    embeddings = compute_embeddings(model, with_image_transform(pool, eval_transform), batch_size=512, progress=False)
+def train_benchmark_sae(model: Any, data: Any, eval_transform: Any, cfg: DigitExperimentConfig, out_dir: str,
+                        source_model: str) -> SparseAutoencoder:
+    """The SAE on the pre-trained model's representation (`model.config.representation`) of `cfg.sae_data`: the broad
+    pre-training pool (like ImageNet-train for a web-pretrained CLIP) or the fine-tuning images."""
+    if cfg.sae_data not in ("pretrain", "finetune"):
+        raise ValueError(f"sae_data={cfg.sae_data!r}: use `pretrain` (the pool) or `finetune` (the fine-tuning set).")
+    embeddings = compute_embeddings(model, with_image_transform(data[cfg.sae_data], eval_transform), batch_size=512,
+                                    progress=False)
     config = SAEConfig(d_in=embeddings.shape[1], d_sae=cfg.sae_d_sae, k=cfg.sae_k, activation=cfg.sae_activation,
-                       source_model=tiny_clip_path(), representation="image_embeds")
+                       source_model=source_model, representation=model.config.representation)
     result = train_sae(embeddings, config, epochs=cfg.sae_epochs, batch_size=cfg.sae_batch_size, lr=cfg.sae_lr,
                        progress=False)
-    result.sae.save_pretrained(os.path.join(out_dir, "sae"))
+    result.sae.save_pretrained(out_dir)
     return result.sae
 
 
@@ -129,19 +187,72 @@ def method_args(method: str, cfg: DigitExperimentConfig, seed: int, out_dir: str
     return SAEFTConfig(**common, **specific)
 
 
-def run_digit_experiment(cfg: DigitExperimentConfig) -> dict[str, Any]:
-    """Run every method for every seed; write results.json, results.md and robustness.png; return the results."""
+@dataclass(frozen=True)
+class Variant:
+    """A named method: a built-in fine-tuning method (`base`) with some experiment settings changed."""
+
+    name: str
+    base: str
+    settings: dict[str, Any] = field(default_factory=dict)
+    wise: bool = False  # also sweep WiSE-FT and report `<name>_wise`
+
+
+def load_variants(path: str | None) -> dict[str, Variant]:
+    """Read a variants YAML (see `DigitExperimentConfig.variants_file`); unknown keys and settings are errors."""
+    if not path:
+        return {}
+    with open(path, encoding="utf-8") as fh:
+        data = yaml.safe_load(fh) or {}
+    fields_ = {f.name for f in dataclasses.fields(DigitExperimentConfig)} - {"output_dir", "seeds", "methods",
+                                                                           "variants_file"}
+    out = {}
+    for name, spec in (data.get("variants") or {}).items():
+        unknown = sorted(set(spec) - {"base", "settings", "wise"})
+        bad = sorted(set(spec.get("settings") or {}) - fields_)
+        if unknown or bad or spec.get("base") not in RUN_METHODS or name in ALL_METHODS:
+            raise ValueError(f"{path}: variant {name!r} is invalid (unknown keys {unknown}, unknown settings {bad}, "
+                             f"base {spec.get('base')!r} must be one of {list(RUN_METHODS)}, and the name must not "
+                             "be a built-in method).")
+        out[name] = Variant(name, spec["base"], dict(spec.get("settings") or {}), bool(spec.get("wise", False)))
+    return out
+
+
+def _sae_settings(cfg: DigitExperimentConfig) -> tuple:
+    """What an experiment SAE depends on (runs with equal settings share one SAE)."""
+    return (cfg.representation, cfg.sae_data, cfg.sae_d_sae, cfg.sae_k, cfg.sae_activation, cfg.sae_epochs,
+            cfg.sae_batch_size, cfg.sae_lr, cfg.clip_name_or_path)
+
+
+@functools.lru_cache(maxsize=1)
+def _benchmark() -> datasets.DatasetDict:
+    """The digit splits, built once per process (a tuning sweep runs many experiments; datasets are immutable)."""
+    return build_digit_benchmark()
+
+
+def run_digit_experiment(cfg: DigitExperimentConfig, variants: Mapping[str, Variant] | None = None) -> dict[str, Any]:
+    """Run every method for every seed; write results.json, results.md and robustness.png; return the results.
+
+    `variants`: named variants in addition to those of `cfg.variants_file` (e.g. a tuning grid's settings).
+    """
     start, start_cpu = time.time(), time.process_time()
-    unknown = sorted(set(cfg.methods) - set(ALL_METHODS))
+    variants = {**load_variants(cfg.variants_file), **(variants or {})}
+    methods = list(ALL_METHODS) if cfg.methods == ["all"] else list(cfg.methods)
+    unknown = sorted(set(methods) - set(ALL_METHODS) - set(variants))
     if unknown:
-        raise ValueError(f"Unknown methods {unknown}; choose from {list(ALL_METHODS)}.")
+        raise ValueError(f"Unknown methods {unknown}; choose from {list(ALL_METHODS)} (or `all`), or the variants of "
+                         f"--variants_file ({sorted(variants)}).")
+    if cfg.wise_select_on not in ("validation", "tuning"):
+        raise ValueError(f"wise_select_on={cfg.wise_select_on!r}: use `validation` or `tuning`.")
+    if not {0.0, 1.0} <= {float(a) for a in cfg.wise_alphas}:
+        raise ValueError(f"wise_alphas={cfg.wise_alphas} must include 0 and 1 (the curve's endpoints).")
     os.makedirs(cfg.output_dir, exist_ok=True)
-    data = build_digit_benchmark()
+    data = _benchmark()
     finetune = data["finetune"]
     if cfg.max_train_samples:
         finetune = finetune.select(range(min(cfg.max_train_samples, len(finetune))))
-    eval_names = cfg.eval_splits or ["validation", ID_TEST_SPLIT, *SHIFT_SPLITS, TUNE_SHIFT_SPLIT]
-    clip_path = tiny_clip_path()
+    tuning = cfg.wise_select_on == "tuning"
+    eval_names = cfg.eval_splits or ["validation", ID_TEST_SPLIT, *SHIFT_SPLITS, *(cfg.tuning_splits if tuning else ())]
+    clip_path = cfg.clip_name_or_path or tiny_clip_path()
     _, eval_transform = transforms_from_pretrained(clip_path)
     # The eval transform is deterministic: decode and transform every evaluation image once.
     eval_sets = {}
@@ -150,60 +261,104 @@ def run_digit_experiment(cfg: DigitExperimentConfig) -> dict[str, Any]:
         if cfg.max_eval_samples:
             ds = ds.select(range(min(cfg.max_eval_samples, len(ds))))
         eval_sets[name] = (pretransform(ds, eval_transform), None)
-    model_args = ModelArguments(model_name_or_path=clip_path, embedding_batch_size=512)
+    select_on = "validation"
+    sweep_sets = eval_sets
+    if tuning:
+        # One set that chooses alpha: the union of held-out clean ID and the tuning families, never a reported set.
+        parts = [eval_sets[n][0] for n in ("validation", *cfg.tuning_splits)]
+        union = PixelSet(torch.cat([p.pixel_values for p in parts]), torch.cat([p.labels for p in parts]))
+        sweep_sets = {**eval_sets, SELECTION_SET: (union, None)}
+        select_on = SELECTION_SET
 
     timing: dict[str, float] = defaultdict(float)  # where the wall time goes (train vs evaluation), summed
     timing["data_s"] = time.time() - start
     timing["data_cpu_s"] = time.process_time() - start_cpu
 
-    def evaluate(model: Any) -> dict[str, float]:
+    def evaluate(model: Any, sets: Mapping[str, Any] = eval_sets) -> dict[str, float]:
         t0, c0 = time.time(), time.process_time()
-        accs = evaluate_sets(model, eval_sets, None, batch_size=512, progress=False)
+        accs = evaluate_sets(model, sets, None, batch_size=512, progress=False)
         timing["eval_s"] += time.time() - t0
         timing["eval_cpu_s"] += time.process_time() - c0
         return {**accs, **shift_averages(accs, ID_TEST_SPLIT, list(SHIFT_SPLITS))}
 
-    pretrained = from_clip(clip_path, CLASSNAMES, TEMPLATES, progress=False)
-    t0, c0 = time.time(), time.process_time()
-    if cfg.sae_name_or_path:
-        sae = SparseAutoencoder.from_pretrained(cfg.sae_name_or_path)
-    else:
-        sae = train_benchmark_sae(pretrained, data["pretrain"], eval_transform, cfg, cfg.output_dir)
-    timing["sae_s"], timing["sae_cpu_s"] = time.time() - t0, time.process_time() - c0
+    models: dict[str, Any] = {}  # the pre-trained classifier per representation (same weights)
+
+    def pretrained_for(representation: str) -> Any:
+        if representation not in models:
+            models[representation] = from_clip(clip_path, CLASSNAMES, TEMPLATES, representation=representation,
+                                               progress=False)
+        return models[representation]
+
+    saes: dict[tuple, SparseAutoencoder] = {}
+
+    def sae_for(run_cfg: DigitExperimentConfig) -> SparseAutoencoder:
+        key = _sae_settings(run_cfg)
+        if key not in saes:
+            t0, c0 = time.time(), time.process_time()
+            tag = "-".join(str(v).replace("/", "_") for v in key[:4]) + "-" + hashlib.sha1(repr(key).encode()).hexdigest()[:8]
+            cached = os.path.join(cfg.sae_cache_dir, tag) if cfg.sae_cache_dir else None
+            if run_cfg.sae_name_or_path:
+                saes[key] = SparseAutoencoder.from_pretrained(run_cfg.sae_name_or_path)
+            elif cached and os.path.isfile(os.path.join(cached, "config.json")):
+                saes[key] = SparseAutoencoder.from_pretrained(cached)
+            else:
+                # The default SAE keeps its place (output_dir/sae); the others are named by their settings.
+                default = key == _sae_settings(dataclasses.replace(DigitExperimentConfig(), clip_name_or_path=cfg.clip_name_or_path))
+                out = cached or os.path.join(cfg.output_dir, "sae" if default else os.path.join("saes", tag))
+                saes[key] = train_benchmark_sae(pretrained_for(run_cfg.representation), data, eval_transform,
+                                                run_cfg, out, clip_path)
+            timing["sae_s"] += time.time() - t0
+            timing["sae_cpu_s"] += time.process_time() - c0
+        return saes[key]
+
+    pretrained = pretrained_for("image_embeds")
+    sae = sae_for(cfg)
     rows: list[dict[str, Any]] = []
     curves: dict[str, dict[str, Any]] = {}
+    ft_curve: list[dict[str, float]] = []
     timings: dict[str, float] = {}
 
     def add_rows(method: str, seed: int, accs: dict[str, float]) -> None:
         for name in eval_names:
             rows.append({"method": method, "seed": seed, "eval_set": name, "accuracy": float(accs[name])})
 
-    zeroshot_accs = evaluate(pretrained)
+    zeroshot_accs = evaluate(pretrained, sweep_sets)
+    builtin = {m: Variant(m, m) for m in RUN_METHODS}
+    sweep_rows = {"ft": "wise_ft", "sae_ft": "sae_ft_wise"}
+    runs = [builtin[m] for m in RUN_METHODS if m in methods or (m in ("ft", "sae_ft") and sweep_rows[m] in methods)]
+    runs += [v for name, v in variants.items() if name in methods]
     for seed in cfg.seeds:
-        if "zeroshot" in cfg.methods:
+        if "zeroshot" in methods:
             add_rows("zeroshot", seed, zeroshot_accs)  # deterministic: the same for every seed
-        if "linear_probe" in cfg.methods:
+        if "linear_probe" in methods:
             probe = copy.deepcopy(pretrained)
             feats, labels = compute_embeddings(probe, with_image_transform(finetune, eval_transform), batch_size=512,
                                                return_labels=True, progress=False)
             weight, bias = fit_linear_probe(feats, labels, len(CLASSNAMES), init_weight=probe.classifier.weight.detach(), seed=seed)
             set_head(probe, weight, bias)
             add_rows("linear_probe", seed, evaluate(probe))
-        runs = [m for m in cfg.methods if m not in ("zeroshot", "linear_probe", "wise_ft", "sae_ft_wise")]
-        for method in runs:
+        for variant in runs:
             t0 = time.time()
             torch.manual_seed(seed)
+            method = variant.name
+            run_cfg = dataclasses.replace(cfg, **variant.settings)
             out_dir = os.path.join(cfg.output_dir, "runs", f"{method}-seed{seed}")
-            args = method_args(method, cfg, seed, out_dir)
-            sweep_parent = {"ft": "wise_ft", "sae_ft": "sae_ft_wise"}.get(method)
-            wise = sweep_parent in cfg.methods if sweep_parent else False
+            args = method_args(variant.base, run_cfg, seed, out_dir)
+            sweep_name = sweep_rows.get(method) if method in builtin else (f"{method}_wise" if variant.wise else None)
+            # Plain FT always sweeps: its WiSE-FT curve is what every method's gain is measured against.
+            wise = method == "ft" or (sweep_name is not None and (sweep_name in methods or variant.wise))
+            uses_sae = args.regularizer == "sae_ft"
+            model_args = ModelArguments(model_name_or_path=clip_path, embedding_batch_size=512,
+                                        representation=run_cfg.representation if uses_sae else "image_embeds")
             result = run_saeft(
                 model_args, args, train_dataset=finetune, eval_dataset=None, classnames=CLASSNAMES,
-                templates=TEMPLATES, sae=sae, model=copy.deepcopy(pretrained),
-                eval_sets=eval_sets, id_name=ID_TEST_SPLIT, shift_names=list(SHIFT_SPLITS),
-                wise_ft_alphas=list(WISE_ALPHAS) if wise else None,
-                # The validation split is held-out ID data that no table reports: it chooses alpha.
-                wise_ft_select_on="validation" if wise else None,
+                templates=TEMPLATES, sae=sae_for(run_cfg) if uses_sae else sae,
+                model=copy.deepcopy(pretrained_for(model_args.representation)),
+                eval_sets=sweep_sets if wise else eval_sets, shift_names=list(SHIFT_SPLITS),
+                id_name=ID_TEST_SPLIT if ID_TEST_SPLIT in eval_names else "validation",
+                wise_ft_alphas=list(cfg.wise_alphas) if wise else None,
+                # Held-out data that no table reports chooses alpha (validation, or validation + tuning families).
+                wise_ft_select_on=select_on if wise else None,
                 wise_ft_known={0.0: zeroshot_accs},  # alpha 0 is the zero-shot model, scored once above
                 eval_batch_size=512,
                 max_eval_samples=cfg.max_eval_samples,
@@ -215,19 +370,23 @@ def run_digit_experiment(cfg: DigitExperimentConfig) -> dict[str, Any]:
             if wise:
                 sweep = result.results["wise_ft"]
                 best = sweep["alphas"].index(sweep["best_alpha"])
-                add_rows(sweep_parent, seed, sweep["results"][best])
-                curves[f"{sweep_parent}-seed{seed}"] = {
-                    "alphas": sweep["alphas"], "best_alpha": sweep["best_alpha"],
-                    "id": [r.get(ID_TEST_SPLIT) for r in sweep["results"]],
-                    "shift_avg": [float(np.mean([r[s] for s in SHIFT_SPLITS if s in r] or [np.nan]))
-                                  for r in sweep["results"]],
+                if sweep_name in methods or variant.wise:
+                    add_rows(sweep_name, seed, sweep["results"][best])
+                reported = all(n in eval_names for n in (ID_TEST_SPLIT, *SHIFT_SPLITS))
+                points = curve_points(seed, sweep["alphas"], sweep["results"], ID_TEST_SPLIT, SHIFT_SPLITS) if reported else []
+                if method == "ft":
+                    ft_curve.extend(points)
+                curves[f"{sweep_name}-seed{seed}"] = {
+                    "alphas": sweep["alphas"], "best_alpha": sweep["best_alpha"], "select_on": select_on,
+                    "id": [p["id"] for p in points] or None, "shift_avg": [p["shift_avg"] for p in points] or None,
+                    "accuracies": sweep["results"],  # every evaluated set at every alpha
                 }
             logger.info("%s seed %d done in %.1fs", method, seed, timings[f"{method}-seed{seed}"])
 
     interpretation = None
     first = cfg.seeds[0]
     t0, c0 = time.time(), time.process_time()
-    if cfg.interpret and "ft" in cfg.methods and "sae_ft" in cfg.methods:
+    if cfg.interpret and "ft" in methods and "sae_ft" in methods:
         # Which SAE features did FT and SAE-FT add and remove on the ID test set? (report.html + summary.json)
         from ..interpret import interpret_runs
 
@@ -247,9 +406,16 @@ def run_digit_experiment(cfg: DigitExperimentConfig) -> dict[str, Any]:
         "shift_sets": list(SHIFT_SPLITS),
         "validation_set": "validation",
         "tuning_shift_set": TUNE_SHIFT_SPLIT,
+        "tuning_sets": list(cfg.tuning_splits) if tuning else [],
+        "wise_select_on": select_on if select_on == "validation" else ["validation", *cfg.tuning_splits],
         "rows": rows,
         "summary": summarize(rows),
         "wise_ft_curves": curves,
+        # Plain FT's WiSE-FT sweep per seed, and every method's distance above it at its own ID accuracy.
+        "wise_ft_curve": ft_curve,
+        "gain_over_wise_curve": gain_over_wise_curve(rows, ft_curve, ID_TEST_SPLIT, SHIFT_SPLITS),
+        "gain_rule": GAIN_RULE,
+        "variants": {name: dataclasses.asdict(v) for name, v in variants.items() if name in methods},
         "interpretation": interpretation,
         "config": asdict(cfg),
         "sae_metrics": sae.config.training_metrics,
@@ -291,55 +457,79 @@ def summarize(rows: Sequence[dict[str, Any]]) -> dict[str, dict[str, dict[str, f
 
 
 def results_markdown(results: dict[str, Any]) -> str:
-    """The results table: mean (std) in percent over seeds, per method and evaluation set."""
-    columns = [results["id_set"], *results["shift_sets"], "shift_avg", results["tuning_shift_set"]]
+    """The results table: mean (std) in percent over seeds per method and set, and the gain over the WiSE-FT curve."""
+    tuning = list(results.get("tuning_sets") or [])
+    columns = [results["id_set"], *results["shift_sets"], "shift_avg", *tuning]
+    gains = results.get("gain_over_wise_curve") or {}
     lines = [
-        "| method | " + " | ".join(columns) + " |",
-        "|---|" + "---|" * len(columns),
+        "| method | " + " | ".join(columns) + " | gain over WiSE-FT curve |",
+        "|---|" + "---|" * (len(columns) + 1),
     ]
     for method, stats in results["summary"].items():
         cells = []
         for col in columns:
             s = stats.get(col)
             cells.append("" if s is None else f"{100 * s['mean']:.1f} ({100 * s['std']:.1f})")
+        g = gains.get(method)
+        if g is None or g["mean"] is None:
+            cells.append("")
+        else:
+            cells.append(f"{100 * g['mean']:+.2f} ({100 * g['std']:.2f})" + ("" if g["n"] == len(g["per_seed"])
+                                                                             else f" [{g['n']} of {len(g['per_seed'])} seeds in range]"))
         lines.append(f"| {method} | " + " | ".join(cells) + " |")
     n_seeds = max((v["n"] for s in results["summary"].values() for v in s.values()), default=0)
+    select = results.get("wise_select_on", "validation")
     lines.append("")
     lines.append(
         f"Top-1 accuracy (%), mean (std) over {n_seeds} fine-tuning seed(s). ID = `{results['id_set']}`; "
-        f"shift_avg = mean of {', '.join(results['shift_sets'])}; `{results['tuning_shift_set']}` is the held-out "
-        "shift used only for tuning. WiSE-FT alpha chosen on `validation`."
+        f"shift_avg = mean of {', '.join(results['shift_sets'])}. Gain over WiSE-FT curve = shift_avg minus the same "
+        "seed's plain-FT WiSE-FT curve at the method's ID accuracy, in points (`gain_rule` in results.json). "
+        f"WiSE-FT alpha chosen on {select if isinstance(select, str) else ' + '.join(select)}"
+        + (f"; {', '.join(tuning)} are held-out tuning shifts, never in shift_avg." if tuning else ".")
     )
     return "\n".join(lines) + "\n"
 
 
 def plot_robustness(results: dict[str, Any], path: str) -> None:
-    """ID accuracy vs shift-average accuracy: one marker per method (mean over seeds), WiSE-FT curves as lines."""
+    """ID accuracy vs shift-average accuracy: one marker per method (mean +- std over seeds), and plain FT's WiSE-FT
+    curve (mean over seeds per alpha) with the other sweeps as thin lines."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 5.5))
+    fig, ax = plt.subplots(figsize=(8, 6))
     id_set = results["id_set"]
+    by_alpha: dict[float, list[tuple[float, float]]] = defaultdict(list)
+    for p in results.get("wise_ft_curve") or []:
+        by_alpha[p["alpha"]].append((p["id"], p["shift_avg"]))
+    if by_alpha:
+        alphas = sorted(by_alpha)
+        xs = [100 * np.mean([v[0] for v in by_alpha[a]]) for a in alphas]
+        ys = [100 * np.mean([v[1] for v in by_alpha[a]]) for a in alphas]
+        ax.plot(xs, ys, "-", color="0.3", lw=2, zorder=1, label=f"WiSE-FT curve of FT (alpha 0..1, {len(alphas)} pts)")
+        ax.plot(xs, ys, ".", color="0.3", zorder=1)
+    first = str(results["config"]["seeds"][0])
     for name, curve in results["wise_ft_curves"].items():
-        if None in curve["id"]:
+        if name.startswith("wise_ft-") or not curve["id"] or not name.endswith("seed" + first):
             continue
-        if name.endswith("seed" + str(results["config"]["seeds"][0])):
-            ax.plot(np.array(curve["id"]) * 100, np.array(curve["shift_avg"]) * 100, "-", alpha=0.5,
-                    label=f"{name.split('-')[0]} curve (alpha 0..1)")
-    markers = "osD^v<>pP*Xh"
+        ax.plot(np.array(curve["id"]) * 100, np.array(curve["shift_avg"]) * 100, ":", lw=1, alpha=0.7,
+                label=f"{name.rsplit('-', 1)[0]} sweep (seed {first})")
+    # Distinct colour AND marker per method (20 colours x 11 markers; no two methods share both).
+    markers = "osD^v<>pP*X"
+    colours = plt.get_cmap("tab20").colors
     for i, (method, stats) in enumerate(results["summary"].items()):
         if id_set not in stats or "shift_avg" not in stats:
             continue  # a tuning run that evaluated only the selection sets
         x, y = 100 * stats[id_set]["mean"], 100 * stats["shift_avg"]["mean"]
         ax.errorbar(x, y, xerr=100 * stats[id_set]["std"], yerr=100 * stats["shift_avg"]["std"],
-                    fmt=markers[i % len(markers)], markersize=8, capsize=3, label=method)
+                    fmt=markers[i % len(markers)], color=colours[(2 * i) % 20 + (i // 10) % 2], markersize=8,
+                    capsize=3, label=method, zorder=3)
     ax.set_xlabel(f"ID accuracy (%, {id_set})")
     ax.set_ylabel("shift-average accuracy (%)")
     ax.set_title("Digit-shift benchmark: robustness vs in-distribution accuracy")
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8, loc="best")
+    ax.legend(fontsize=7, loc="best", ncol=2)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
