@@ -198,7 +198,8 @@ class SAEFTCLIPForImageClassification(PreTrainedModel):
         """Cut a (concatenated) representation [..., d] into `{spec: [..., d_spec]}`, in order."""
         dims = self.representation_dims()
         if z.shape[-1] != sum(dims):
-            raise ValueError(f"A representation of width {z.shape[-1]} cannot be split into {self.config.representation} "
+            raise ValueError(f"A representation of width {z.shape[-1]} cannot be split into "
+                             f"{self.config.representation} "
                              f"(widths {dims}, {sum(dims)} in all).")
         return dict(zip(self.representation_specs(), torch.split(z, dims, dim=-1)))
 

@@ -43,8 +43,8 @@ from .evaluation import (
 from .evaluation.runner import HOLDOUT_NAME, transform_for
 from .hub import push_run_to_hub, save_results, write_model_card
 from .lora import add_lora, save_base_config
+from .modeling import parse_representations
 from .run_dir import claims_output_dir
-from .modeling import join_representations, parse_representations
 from .sae import SAEConfig, SparseAutoencoder
 from .sae_set import SAESet, as_sae_set, load_sae_set, save_sae_set
 from .sae_training import train_sae
@@ -93,9 +93,10 @@ class ModelArguments:
     embedding_batch_size: int = field(default=256, metadata={"help": "Batch size for computing embeddings."})
 
     def __post_init__(self) -> None:
-        # A YAML list (`representation: [a, b]`) arrives as a list: keep the one canonical comma-separated form.
+        # A YAML list (`representation: [a, b]`) arrives as a list: keep the one comma-separated form (each spec is
+        # checked by validation.check_model_args, with the other settings).
         if isinstance(self.representation, (list, tuple)):
-            self.representation = join_representations(self.representation)
+            self.representation = ",".join(str(spec).strip() for spec in self.representation)
 
 
 @dataclass
@@ -564,10 +565,12 @@ def run_saeft(
                 saes = {spec: SparseAutoencoder.from_pretrained(spec_dir) for spec, spec_dir in spec_dirs.items()}
             else:
                 kept = {spec: SparseAutoencoder.from_pretrained(spec_dirs[spec]) for spec in specs if reusable[spec]}
-                trained = train_saes_for_model(model, train_dataset, eval_transform, model_args,
-                                               output_dir=output_dir, seed=training_args.seed,
-                                               skip_corrupt_images=skip_corrupt_images, embeddings=embeddings,
-                                               device=device, representations=[s for s in specs if not reusable[s]])
+                fit = dict(output_dir=output_dir, seed=training_args.seed, skip_corrupt_images=skip_corrupt_images,
+                           embeddings=embeddings, device=device)
+                trained = ({specs[0]: train_sae_for_model(model, train_dataset, eval_transform, model_args, **fit)}
+                           if len(specs) == 1 else
+                           train_saes_for_model(model, train_dataset, eval_transform, model_args, **fit,
+                                                representations=[s for s in specs if not reusable[s]]))
                 for spec, new in trained.items():
                     new.config.provenance = json.loads(json.dumps(keys[spec]))
                 saes = {spec: kept[spec] if spec in kept else trained[spec] for spec in specs}

@@ -122,7 +122,8 @@ def load_sae_set(path: str | os.PathLike[str], specs: Sequence[str], **hub_kwarg
                 "representations saves in output_dir/sae/)."
             )
         if not found:
-            raise SAELoadError(f"No SAE at {source}: neither {CONFIG_NAME} nor subfolders <representation>/{CONFIG_NAME}.")
+            raise SAELoadError(f"No SAE at {source}: neither {CONFIG_NAME} nor subfolders "
+                               f"<representation>/{CONFIG_NAME}.")
         match_sae_set(dict.fromkeys(found), specs, f"The SAEs in {source} (for {found})")
     saes: SAESet = {}
     for spec in specs:

@@ -157,7 +157,8 @@ def test_every_representation_comes_from_one_forward(tmp_path):
             assert torch.equal(parts[spec], model.get_representation(px)), spec
             assert torch.equal(out.logits, model(pixel_values=px).logits)
         hidden = model.vision_model(pixel_values=px, output_hidden_states=True).hidden_states
-    assert torch.equal(parts[LAST], hidden[2][:, 0]) and torch.equal(parts["hidden_states.1.mean"], hidden[1][:, 1:].mean(1))
+    assert torch.equal(parts[LAST], hidden[2][:, 0])
+    assert torch.equal(parts["hidden_states.1.mean"], hidden[1][:, 1:].mean(1))
 
 
 def test_penalty_is_the_sum_of_the_single_layer_penalties_each_logged(tmp_path):
