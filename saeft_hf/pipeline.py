@@ -329,6 +329,14 @@ def _model_shape(model_args: ModelArguments, model: Any | None) -> tuple[dict[st
     """(depth and widths, representation, source model) of the model the run will fine-tune; reads only its config."""
     if model is not None:
         config = base_classifier(model).config
+        asked = model_args.representation
+        # The given model's own representation(s) are what the penalty sees; model_args naming others (the default
+        # aside) would otherwise be ignored without a word. An invalid spec is left to validate_run's message.
+        if asked != "image_embeds" and _same_specs(asked, config.representation) is False:
+            raise SAEFTConfigError(
+                f"model_args.representation={asked!r} but the given model returns {config.representation!r}: the "
+                "penalty would be on the model's. Set it on the model (model.config.representation = "
+                f"{asked!r}, or from_clip(..., representation={asked!r})), or drop the model_args setting.")
         return check_clip_config(config, "the given model"), config.representation, config.source_model
     name = model_args.model_name_or_path
     try:
@@ -337,6 +345,14 @@ def _model_shape(model_args: ModelArguments, model: Any | None) -> tuple[dict[st
         raise SAEFTConfigError(f"Could not read the model config of {name!r} ({type(err).__name__}: {err}). Pass a "
                                "CLIP checkpoint: a Hub id or a directory with config.json.") from err
     return check_clip_config(config, repr(name)), model_args.representation, str(name)
+
+
+def _same_specs(a: str, b: str) -> bool | None:
+    """Whether two representation settings name the same specs in the same order (None if either is invalid)."""
+    try:
+        return parse_representations(a) == parse_representations(b)
+    except ValueError:
+        return None
 
 
 def _check_sizes(train_dataset: Any, eval_dataset: Any | None, training_args: SAEFTConfig) -> None:

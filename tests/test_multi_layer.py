@@ -257,6 +257,11 @@ def test_sae_name_or_path_takes_a_multi_sae_folder(ws, tmp_path):
         assert torch.equal(result.saes[spec].W_enc, loaded[spec].W_enc)
         assert (tmp_path / "run" / "sae" / spec / "model.safetensors").is_file()  # travels with the model
     assert not (tmp_path / "run" / "cache" / "sae_embeddings.safetensors").exists()  # no SAE was trained
+    # The same SAEs as objects, a list in any order (matched by the representation each records): the same run.
+    again = run_saeft(margs, tiny_run_config(tmp_path / "again", lambda_reg=70.0), sae=[loaded[PREV], loaded[LAST]],
+                      train_dataset=train, eval_dataset=None, classnames=CLASSNAMES[:3], templates=TEMPLATES)
+    assert list(again.saes) == [LAST, PREV]
+    assert step_logs(tmp_path / "again") == step_logs(tmp_path / "run")
 
 
 def test_a_set_of_saes_that_does_not_match_the_representations_is_refused(ws, tmp_path):
@@ -296,7 +301,11 @@ def test_a_set_of_saes_that_does_not_match_the_representations_is_refused(ws, tm
     with pytest.raises(SAEFTConfigError, match="reads hidden state 3, but the vision tower has 2 layers"):
         run_saeft(ModelArguments(model_name_or_path=source, representation=f"{LAST},hidden_states.3.cls"),
                   tiny_run_config(tmp_path / "c", lambda_reg=1.0), **kwargs)
-    assert not any((tmp_path / name / "sae").exists() for name in "abc")
+    with pytest.raises(SAEFTConfigError, match=r"model_args.representation='hidden_states.-1.cls,hidden_states.-2.cls' "
+                                               r"but the given model returns 'image_embeds'"):
+        run_saeft(margs, tiny_run_config(tmp_path / "d", lambda_reg=1.0), sae={LAST: last, PREV: prev},
+                  model=from_clip(source, CLASSNAMES[:3], TEMPLATES, progress=False), **kwargs)
+    assert not any((tmp_path / name / "sae").exists() for name in "abcd")
 
 
 @pytest.mark.slow
