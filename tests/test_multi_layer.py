@@ -12,6 +12,7 @@ The runs use the real recipe (`recipes/imagenet.py`) on the tiny CLIP of `helper
 
 from __future__ import annotations
 
+import copy
 import importlib.util
 import json
 import os
@@ -56,6 +57,7 @@ class Workspace:
         self.root = root
         self.clip = make_tiny_clip(root / "clip")
         make_image_folder(root / "D" / "train", per_class=8, names=WNIDS, seed=0)
+        make_image_folder(root / "D" / "val", per_class=2, names=WNIDS, seed=1)
         (root / "templates.txt").write_text("a photo of a {}.\n")
         spec = importlib.util.spec_from_file_location("imagenet_recipe_under_test_multi_layer", RECIPE)
         self.recipe = importlib.util.module_from_spec(spec)
@@ -65,7 +67,7 @@ class Workspace:
 
     def args(self) -> list[str]:
         return ["--model_name_or_path", str(self.clip), "--train_dir", str(self.root / "D" / "train"),
-                "--templates_file", str(self.root / "templates.txt")]
+                "--validation_dir", str(self.root / "D" / "val"), "--templates_file", str(self.root / "templates.txt")]
 
     def in_process(self, name: str, *argv: str) -> Path:
         """The recipe's main() here, on one thread like each torchrun rank (so both runs use the same kernels)."""
@@ -201,6 +203,71 @@ def test_penalty_is_the_sum_of_the_single_layer_penalties_each_logged(tmp_path):
         assert logged[name] == pytest.approx(logged[f"{name}_{LAST}"] + logged[f"{name}_{PREV}"], rel=1e-6)
 
 
+def test_cached_lora_and_feature_distillation_references_split_the_representations_too(tmp_path):
+    """The cached `z0` column holds the concatenation; LoRA's reference (adapters off) returns it too; feature
+    distillation sums its per-representation terms like SAE-FT."""
+    from saeft_hf.lora import add_lora
+    from saeft_hf.penalty import feature_distillation_penalty
+
+    clip = make_tiny_clip(tmp_path / "clip")
+    gen = torch.Generator().manual_seed(0)
+    px, labels = torch.randn(8, 3, 30, 30, generator=gen), torch.randint(0, 4, (8,), generator=gen)
+    pretrained = from_clip(str(clip), CLASSNAMES, TEMPLATES, representation=TWO, progress=False)
+    with torch.no_grad():
+        z0 = pretrained.get_representation(px)
+    saes = {spec: random_sae(32, spec, str(clip), i) for i, spec in enumerate((LAST, PREV))}
+    rows = {"pixel_values": px.numpy(), "labels": labels.numpy()}
+    live_ds = datasets.Dataset.from_dict(rows).with_format("torch")
+    cached_ds = datasets.Dataset.from_dict({**rows, "z0": z0.numpy()}).with_format("torch")
+
+    def loss_of(trainer, ds):
+        batch = {k: ds[:][k] for k in ds.column_names}
+        loss = trainer.compute_loss(trainer.model, batch).detach()
+        return loss, {k: float(v[-1]) for k, v in trainer._metrics["train"].items()}
+
+    def drifted(model):  # the same drift for every trainer: the model moves away from its reference
+        g = torch.Generator().manual_seed(1)
+        with torch.no_grad():
+            for name, p in sorted(model.named_parameters()):
+                if p.requires_grad and "vision_model" in name:
+                    p.add_(0.05 * torch.randn(p.shape, generator=g))
+        return model
+
+    live = SAEFTTrainer(model=copy.deepcopy(pretrained), args=tiny_run_config(tmp_path / "l",
+                        lambda_reg=1.0), sae=saes, train_dataset=live_ds)
+    cached = SAEFTTrainer(model=copy.deepcopy(pretrained), args=tiny_run_config(
+        tmp_path / "c", lambda_reg=1.0, reference_mode="cached"), sae=saes, train_dataset=cached_ds)
+    drifted(live.model), drifted(cached.model)
+    (l_live, m_live), (l_cached, m_cached) = loss_of(live, live_ds), loss_of(cached, cached_ds)
+    assert m_live["penalty"] > 0 and m_cached == m_live and torch.equal(l_cached, l_live)
+
+    lora = add_lora(copy.deepcopy(pretrained), r=4)
+    with torch.no_grad():  # LoRA's B starts at zero: move it, so the adapted model differs from its reference
+        for name, p in lora.named_parameters():
+            if "lora_B" in name:
+                p.copy_(0.05 * torch.randn(p.shape, generator=gen))
+    lora_trainer = SAEFTTrainer(model=lora, args=tiny_run_config(tmp_path / "r", lambda_reg=1.0, use_lora=True),
+                                sae=saes, train_dataset=live_ds)
+    with torch.no_grad():
+        assert torch.equal(lora_trainer.reference_representation(lora, px), z0)  # adapters off: the pre-trained
+        z = lora(pixel_values=px).representation
+    _, m_lora = loss_of(lora_trainer, live_ds)
+    expected = {spec: sae_ft_penalty(saes[spec], part, z0_part).total for (spec, part), z0_part in
+                zip(pretrained.split_representation(z).items(), pretrained.split_representation(z0).values())}
+    assert m_lora["penalty"] == pytest.approx(float(sum(expected.values())), rel=1e-6)
+    assert m_lora[f"penalty_{LAST}"] == pytest.approx(float(expected[LAST]), rel=1e-6)
+
+    fd = SAEFTTrainer(model=copy.deepcopy(pretrained), args=tiny_run_config(
+        tmp_path / "f", lambda_reg=1.0, regularizer="feature_distill"), train_dataset=live_ds)
+    drifted(fd.model)  # after the trainer took its frozen copy
+    _, m_fd = loss_of(fd, live_ds)
+    with torch.no_grad():
+        parts = pretrained.split_representation(fd.model(pixel_values=px).representation)
+    z0_parts = pretrained.split_representation(z0)
+    assert m_fd["penalty"] == pytest.approx(float(sum(feature_distillation_penalty(parts[s], z0_parts[s])
+                                                      for s in parts)), rel=1e-6)
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # End to end through the recipe
 # ---------------------------------------------------------------------------------------------------------------------
@@ -226,6 +293,8 @@ def test_two_hidden_state_representations_train_and_save_two_saes(ws):
         assert all(entry[f"penalty_{spec}"] > 0 for spec in (LAST, PREV)) or entry is logs[0]
         assert entry["penalty"] == pytest.approx(entry[f"penalty_{LAST}"] + entry[f"penalty_{PREV}"], rel=1e-5)
     assert json.loads((out / "config.json").read_text())["representation"] == TWO
+    # The saved model reloads and evaluates like any other (the evaluation loads it from output_dir).
+    assert 0 <= json.loads((out / "eval_results.json").read_text())["final"]["validation"] <= 1
 
 
 def test_a_multi_layer_run_resumes_bit_identically(ws):
