@@ -8,6 +8,7 @@ sharded over all processes (`distributed=True`, see `saeft_hf.distributed`), on 
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +24,7 @@ from transformers import CLIPModel
 from .cache import CacheKey, load_cached_tensors, save_cached_tensors
 from .data import REFERENCE_COLUMN, ImageClassificationCollator, with_image_transform
 from .distributed import all_ranks_agree, gather_rows, is_main_process, shard_dataset
-from .modeling import SAEFTCLIPForImageClassification
+from .modeling import SAEFTCLIPForImageClassification, join_representations
 
 
 def representation_fn(model: nn.Module) -> Any:
@@ -121,6 +122,28 @@ def compute_embeddings(
     if cache_path is not None and (not distributed or is_main_process()):
         save_cached_tensors(cache_path, {"embeddings": embeddings, "labels": label_tensor}, cache_key)
     return (embeddings, label_tensor) if return_labels else embeddings
+
+
+def compute_representations(model: nn.Module, dataset: Any, representations: str | Sequence[str],
+                            **kwargs: Any) -> dict[str, torch.Tensor]:
+    """`{spec: [N, d_spec]}`: the embeddings of `dataset` for one or several representations of `model` (our
+    classifier, or a PeftModel around one), whatever representation the model is configured with, in ONE forward
+    pass over the data (`compute_embeddings` with the same keyword arguments: device, precision, sharding, cache).
+
+    E.g. `compute_representations(model, images, "hidden_states.-1.cls,hidden_states.-2.cls")` for one SAE per
+    layer. With a cache, key it on these representations (`embedding_cache_key(..., representation=...)`).
+    """
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    if not isinstance(base, SAEFTCLIPForImageClassification):
+        raise TypeError(f"compute_representations needs a SAEFTCLIPForImageClassification, got {type(base).__name__}.")
+    if kwargs.get("return_labels"):
+        raise ValueError("compute_representations returns no labels; use compute_embeddings(return_labels=True).")
+    configured = base.config.representation
+    base.config.representation = join_representations(representations)
+    try:
+        return base.split_representation(compute_embeddings(model, dataset, **kwargs))
+    finally:
+        base.config.representation = configured
 
 
 def _model_device(model: nn.Module) -> torch.device:

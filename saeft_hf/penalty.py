@@ -9,12 +9,21 @@ pre-trained one, `s = TopK(W_enc (z - b_dec))` and `s0` the SAE codes [B, F], `m
     total    = lambda_add * add + lambda_remove * remove + mu * residual
 
 `lambda_reg` (the weight of `total` in the loss) is applied by the trainer.
+
+Several representations (e.g. the CLS token of the last two blocks), one SAE each: `summed_sae_ft_penalty` adds the
+per-representation penalties, `total = sum_r total_r`. A sum, not a mean: each term keeps the weight it has in a
+single-representation run at the same `lambda_reg`, `lambda_add` and `mu`, so adding a layer adds a constraint
+instead of halving the pull on the layers already penalised (with a mean, a 1-layer and a 2-layer run at one
+`lambda_reg` would regularise the shared layer differently), and each layer's gradient does not depend on how many
+others are penalised. The price: the overall strength grows with the number of layers, so `lambda_reg` is tuned
+per set of representations, as for any other change of the penalty.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -89,6 +98,36 @@ def sae_ft_penalty(
         features_added = (active & inactive0).sum(-1).float().mean()
         features_removed = (active0 & ~active).sum(-1).float().mean()
     return SAEFTPenalty(add, remove, residual, total, features_added, features_removed)
+
+
+@dataclass
+class SummedSAEFTPenalty:
+    """`summed_sae_ft_penalty`: the sums over representations (fields as `SAEFTPenalty`: `total` is what the loss
+    weights by `lambda_reg`) and each representation's own terms in `per_representation` (spec -> `SAEFTPenalty`)."""
+
+    summed: SAEFTPenalty
+    per_representation: dict[str, SAEFTPenalty]
+
+
+def summed_sae_ft_penalty(
+    saes: Mapping[str, SparseAutoencoder],
+    z: Mapping[str, torch.Tensor],
+    z0: Mapping[str, torch.Tensor],
+    **kwargs: Any,
+) -> SummedSAEFTPenalty:
+    """The SAE-FT penalty of several representations, each with its own SAE, summed (see the module doc for why).
+
+    `saes`, `z` and `z0` are keyed by representation spec (the same keys); `kwargs` are `sae_ft_penalty`'s weights,
+    shared by every representation. Every summed field (terms and feature counts) is the plain sum of the
+    per-representation ones.
+    """
+    if not saes or set(z) != set(saes) or set(z0) != set(saes):
+        raise ValueError(f"summed_sae_ft_penalty needs the same representations in saes, z and z0; got "
+                         f"{list(saes)}, {list(z)} and {list(z0)}.")
+    per = {spec: sae_ft_penalty(sae, z[spec], z0[spec], **kwargs) for spec, sae in saes.items()}
+    terms = [f.name for f in fields(SAEFTPenalty)]
+    summed = SAEFTPenalty(**{name: sum(getattr(p, name) for p in per.values()) for name in terms})
+    return SummedSAEFTPenalty(summed=summed, per_representation=per)
 
 
 def feature_distillation_penalty(z: torch.Tensor, z0: torch.Tensor, *, normalize: bool = False) -> torch.Tensor:

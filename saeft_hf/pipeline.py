@@ -43,17 +43,19 @@ from .evaluation import (
 from .evaluation.runner import HOLDOUT_NAME, transform_for
 from .hub import push_run_to_hub, save_results, write_model_card
 from .lora import add_lora, save_base_config
+from .modeling import parse_representations
 from .run_dir import claims_output_dir
 from .sae import SAEConfig, SparseAutoencoder
+from .sae_set import SAESet, as_sae_set, load_sae_set, save_sae_set
 from .sae_training import train_sae
 from .trainer import SAE_SUBFOLDER, SAEFTTrainer, SetEpochCallback, base_classifier
 from .validation import (
     SAEFTConfigError,
     check_clip_config,
     check_config_mapping,
-    check_sae,
+    check_sae_set,
     coerce_config_values,
-    representation_width,
+    representation_widths,
     reuse_trained_sae,
     sae_training_key,
     validate_run,
@@ -73,7 +75,9 @@ class ModelArguments:
     )
     representation: str = field(
         default="image_embeds",
-        metadata={"help": "What the penalty sees: image_embeds (the paper), pooler_output, hidden_states.{i}.cls|mean."},
+        metadata={"help": "What the penalty sees: image_embeds (the paper), pooler_output, hidden_states.{i}.cls|mean; "
+                          "several, comma-separated (hidden_states.-1.cls,hidden_states.-2.cls; YAML: also a list): "
+                          "one SAE each, penalties summed."},
     )
     sae_d_sae_multiplier: int = field(default=4, metadata={"help": "New SAE: latents per input dimension (paper: 4)."})
     sae_k: int = field(default=32, metadata={"help": "New SAE: active latents per input (paper: 32)."})
@@ -88,14 +92,21 @@ class ModelArguments:
     sae_aux_k: int | None = field(default=None, metadata={"help": "New SAE: AuxK dead latents (None: off, as the paper)."})
     embedding_batch_size: int = field(default=256, metadata={"help": "Batch size for computing embeddings."})
 
+    def __post_init__(self) -> None:
+        # A YAML list (`representation: [a, b]`) arrives as a list: keep the one comma-separated form (each spec is
+        # checked by validation.check_model_args, with the other settings).
+        if isinstance(self.representation, (list, tuple)):
+            self.representation = ",".join(str(spec).strip() for spec in self.representation)
+
 
 @dataclass
 class RunResult:
     """What `run_saeft` produced."""
 
     trainer: SAEFTTrainer
-    sae: SparseAutoencoder | None
+    sae: SparseAutoencoder | None  # the SAE of a single-representation run (None with several: see `saes`)
     results: dict[str, Any]
+    saes: SAESet | None = None  # representation spec -> its SAE, every run with the SAE-FT penalty
 
 
 def parse_args(dataclass_types: Sequence[type], argv: Sequence[str]) -> tuple[Any, ...]:
@@ -190,6 +201,9 @@ def sae_training_embeddings(
 ) -> torch.Tensor:
     """The pre-trained model's embeddings [N, d] of `dataset` (eval transform, no augmentation) for the SAE.
 
+    With several representations, all of them in one pass, concatenated ([N, d_1 + d_2 + ...]; cut them apart with
+    `base_classifier(model).split_representation`).
+
     Runs on `device` under `autocast_dtype` with `num_workers` loader workers; with `distributed` every rank calls
     this, embeds its share and gets all rows in dataset order. Cached in `output_dir/cache/sae_embeddings.safetensors`
     (keyed by `saeft_hf.cache.embedding_cache_key`: model weights, data fingerprint, split, sample count, transform,
@@ -228,26 +242,59 @@ def train_sae_for_model(
     """Train an SAE on the pre-trained model's embeddings of `dataset` (eval transform, no augmentation).
 
     `embeddings` [N, d]: already computed (`sae_training_embeddings`, e.g. sharded over all ranks); otherwise they
-    are computed here by this process alone. The SAE trains on `device` (default: CUDA if available).
+    are computed here by this process alone. The SAE trains on `device` (default: CUDA if available). A model with
+    several representations needs one SAE each: `train_saes_for_model`.
     """
+    specs = base_classifier(model).representation_specs()
+    if len(specs) > 1:
+        raise ValueError(f"The model has {len(specs)} representations {specs}, one SAE each: use "
+                         "train_saes_for_model (it returns {spec: SAE}; save them with saeft_hf.sae_set.save_sae_set).")
+    return train_saes_for_model(model, dataset, eval_transform, model_args, output_dir=output_dir, seed=seed,
+                                skip_corrupt_images=skip_corrupt_images, embeddings=embeddings, device=device)[specs[0]]
+
+
+def train_saes_for_model(
+    model: Any,
+    dataset: Any,
+    eval_transform: Callable[[Any], torch.Tensor],
+    model_args: ModelArguments,
+    *,
+    output_dir: str | None = None,
+    seed: int = 0,
+    skip_corrupt_images: bool = False,
+    embeddings: torch.Tensor | None = None,
+    device: torch.device | str | None = None,
+    representations: Sequence[str] | None = None,
+) -> SAESet:
+    """One SAE per representation of `model` (`{spec: SAE}` in the model's order), each trained on its own part of
+    one embedding pass, with the same settings (`model_args`) and seed; `representations`: only these.
+
+    `embeddings` [N, d_1 + d_2 + ...]: already computed (`sae_training_embeddings`); otherwise computed here by this
+    process alone.
+    """
+    base = base_classifier(model)
     if embeddings is None:
         embeddings = sae_training_embeddings(model, dataset, eval_transform, model_args, output_dir=output_dir,
                                              skip_corrupt_images=skip_corrupt_images, device=device, seed=seed)
-    d_in = embeddings.shape[1]
-    config = SAEConfig(
-        d_in=d_in,
-        d_sae=model_args.sae_d_sae_multiplier * d_in,
-        k=model_args.sae_k,
-        activation=model_args.sae_activation,
-        source_model=base_classifier(model).config.source_model,
-        representation=model_args.representation,
-    )
-    result = train_sae(
-        embeddings, config, epochs=model_args.sae_epochs, batch_size=model_args.sae_batch_size,
-        lr=model_args.sae_lr, aux_k=model_args.sae_aux_k, seed=seed, device=device,
-    )
-    logger.info("Trained SAE: %s", result.metrics)
-    return result.sae
+    parts = base.split_representation(embeddings)
+    saes: SAESet = {}
+    for spec in representations or list(parts):
+        d_in = parts[spec].shape[1]
+        config = SAEConfig(
+            d_in=d_in,
+            d_sae=model_args.sae_d_sae_multiplier * d_in,
+            k=model_args.sae_k,
+            activation=model_args.sae_activation,
+            source_model=base.config.source_model,
+            representation=spec,
+        )
+        result = train_sae(
+            parts[spec].contiguous(), config, epochs=model_args.sae_epochs, batch_size=model_args.sae_batch_size,
+            lr=model_args.sae_lr, aux_k=model_args.sae_aux_k, seed=seed, device=device,
+        )
+        logger.info("Trained SAE on %s: %s", spec, result.metrics)
+        saes[spec] = result.sae
+    return saes
 
 
 def init_linear_probe_head(model: Any, dataset: Any, eval_transform: Callable[[Any], torch.Tensor], batch_size: int,
@@ -282,6 +329,14 @@ def _model_shape(model_args: ModelArguments, model: Any | None) -> tuple[dict[st
     """(depth and widths, representation, source model) of the model the run will fine-tune; reads only its config."""
     if model is not None:
         config = base_classifier(model).config
+        asked = model_args.representation
+        # The given model's own representation(s) are what the penalty sees; model_args naming others (the default
+        # aside) would otherwise be ignored without a word. An invalid spec is left to validate_run's message.
+        if asked != "image_embeds" and _same_specs(asked, config.representation) is False:
+            raise SAEFTConfigError(
+                f"model_args.representation={asked!r} but the given model returns {config.representation!r}: the "
+                "penalty would be on the model's. Set it on the model (model.config.representation = "
+                f"{asked!r}, or from_clip(..., representation={asked!r})), or drop the model_args setting.")
         return check_clip_config(config, "the given model"), config.representation, config.source_model
     name = model_args.model_name_or_path
     try:
@@ -290,6 +345,14 @@ def _model_shape(model_args: ModelArguments, model: Any | None) -> tuple[dict[st
         raise SAEFTConfigError(f"Could not read the model config of {name!r} ({type(err).__name__}: {err}). Pass a "
                                "CLIP checkpoint: a Hub id or a directory with config.json.") from err
     return check_clip_config(config, repr(name)), model_args.representation, str(name)
+
+
+def _same_specs(a: str, b: str) -> bool | None:
+    """Whether two representation settings name the same specs in the same order (None if either is invalid)."""
+    try:
+        return parse_representations(a) == parse_representations(b)
+    except ValueError:
+        return None
 
 
 def _check_sizes(train_dataset: Any, eval_dataset: Any | None, training_args: SAEFTConfig) -> None:
@@ -376,7 +439,7 @@ def run_saeft(
     eval_dataset: Any | None,
     classnames: Sequence[str],
     templates: Sequence[str],
-    sae: SparseAutoencoder | None = None,
+    sae: SparseAutoencoder | Mapping[str, SparseAutoencoder] | Sequence[SparseAutoencoder] | None = None,
     eval_sets: Mapping[str, tuple[Any, Any]] | None = None,
     id_name: str = "validation",
     shift_names: Sequence[str] = (),
@@ -397,7 +460,11 @@ def run_saeft(
         train_dataset / eval_dataset: `datasets` objects with `image` and `label` columns (map-style or streaming).
         classnames / templates: for the zero-shot head (one class name per label).
         sae: an SAE to use; otherwise `training_args.sae_name_or_path`, otherwise one is trained on the
-            pre-trained embeddings of `train_dataset` and saved in `output_dir/sae`.
+            pre-trained embeddings of `train_dataset` and saved in `output_dir/sae`. With several representations
+            (`model_args.representation="hidden_states.-1.cls,hidden_states.-2.cls"`): one SAE each, as
+            `{spec: SAE}` or a list (matched by the representation each SAE's config records), or a folder
+            `sae_name_or_path/<spec>/`; trained ones are saved in `output_dir/sae/<spec>/` (`saeft_hf.sae_set`),
+            all from one embedding pass. The penalty is their sum.
         eval_sets: `{name: (raw dataset, EvalSetSpec or None)}` evaluated after training (ID validation and
             shifts; see `saeft_hf.evaluation.load_eval_sets`); results go to `eval_results.json` and the card.
             Sets whose spec has `role: holdout` only choose WiSE-FT's alpha (not reported).
@@ -447,12 +514,15 @@ def run_saeft(
         templates=templates, eval_sets=eval_sets, id_name=id_name, wise_ft_alphas=wise_ft_alphas, shape=shape,
     )
     needs_sae = training_args.regularizer == "sae_ft" and training_args.regularization_active
+    specs, widths = parse_representations(representation), representation_widths(representation, shape)
+    saes: SAESet | None = None
     if needs_sae:
         if sae is None and training_args.sae_name_or_path:
-            sae = SparseAutoencoder.from_pretrained(training_args.sae_name_or_path)
-        if sae is not None:
-            check_sae(sae, width=representation_width(representation, shape), representation=representation,
-                      source_model=None if training_args.allow_sae_source_mismatch else source_model)
+            sae = load_sae_set(training_args.sae_name_or_path, specs)
+        saes = as_sae_set(sae, specs)
+        if saes is not None:
+            check_sae_set(saes, widths=widths,
+                          source_model=None if training_args.allow_sae_source_mismatch else source_model)
     train_transform, eval_transform = transforms_from_pretrained(model_args.model_name_or_path, seed=training_args.seed)
     # The expensive preparation (zero-shot head, linear-probe features, SAE embeddings) runs on the accelerator in
     # the run's precision, every rank taking its share: no rank waits long on a barrier.
@@ -467,27 +537,36 @@ def run_saeft(
                                num_workers=training_args.dataloader_num_workers, distributed=distributed,
                                output_dir=output_dir)
 
-    if needs_sae and sae is None:
+    if needs_sae and saes is None:
         sae_dir = os.path.join(output_dir, SAE_SUBFOLDER)
-        sae_file = os.path.join(sae_dir, "model.safetensors")
+        # One SAE: sae/ itself; several: sae/<spec>/ each (saeft_hf.sae_set).
+        spec_dirs = {spec: os.path.join(sae_dir, spec) if len(specs) > 1 else sae_dir for spec in specs}
         # Keyed on its settings and images: a re-run with other ones must not silently reuse it.
-        key = sae_training_key(model_args, seed=training_args.seed, data_fingerprint=dataset_fingerprint(train_dataset))
-        reusable, refusal = False, None
-        if os.path.isfile(sae_file):
+        data_key = dataset_fingerprint(train_dataset)
+        keys = {spec: sae_training_key(model_args, seed=training_args.seed, data_fingerprint=data_key,
+                                       representation=spec if len(specs) > 1 else None) for spec in specs}
+        reusable, refusal = dict.fromkeys(specs, False), None
+        for spec, spec_dir in spec_dirs.items():
+            if not os.path.isfile(os.path.join(spec_dir, "model.safetensors")):
+                continue
             if training_args.should_save:  # the writing process judges the key; it goes first below
                 try:
-                    reusable = reuse_trained_sae(SparseAutoencoder.from_pretrained(sae_dir).config.provenance, key,
-                                                 sae_dir, resuming=bool(training_args.resume_from_checkpoint))
+                    reusable[spec] = reuse_trained_sae(
+                        SparseAutoencoder.from_pretrained(spec_dir).config.provenance, keys[spec], spec_dir,
+                        resuming=bool(training_args.resume_from_checkpoint))
                 except SAEFTConfigError as err:
                     refusal = err
+                    break
             else:
-                reusable = True  # the others load what it leaves (their fingerprints may differ across nodes)
+                reusable[spec] = True  # the others load what it leaves (their fingerprints may differ across nodes)
         # Every rank learns a refusal, so none waits at the collective pass below for one that already failed.
         if not all_ranks_agree(refusal is None):
             raise refusal or SAEFTConfigError(f"The process that writes {sae_dir} refused it (see its error).")
         embeddings = None
-        # Decided by all ranks together: the embedding pass below is collective, so no rank may skip it alone.
-        if not all_ranks_agree(reusable):
+        # Decided by all ranks together: the embedding pass below is collective, so no rank may skip it alone. It
+        # embeds every representation at once (one forward per batch), the reused ones' parts are simply unused.
+        all_reused = all_ranks_agree(all(reusable.values()))
+        if not all_reused:
             embeddings = sae_training_embeddings(
                 model, train_dataset, eval_transform, model_args, output_dir=output_dir,
                 skip_corrupt_images=skip_corrupt_images, device=device, autocast_dtype=autocast,
@@ -497,15 +576,22 @@ def run_saeft(
         # others wait, then they load that file, so every rank regularises with the same SAE and only one
         # process writes it. (One per node with save_on_each_node, i.e. when the nodes share no file system.)
         with training_args.main_process_first(local=training_args.save_on_each_node, desc="training the SAE"):
-            if reusable or not training_args.should_save:
-                sae = SparseAutoencoder.from_pretrained(sae_dir)  # reused, or just written by the saving process
+            if all_reused or not training_args.should_save:
+                # reused, or just written by the saving process
+                saes = {spec: SparseAutoencoder.from_pretrained(spec_dir) for spec, spec_dir in spec_dirs.items()}
             else:
-                sae = train_sae_for_model(model, train_dataset, eval_transform, model_args,
-                                          output_dir=output_dir, seed=training_args.seed,
-                                          skip_corrupt_images=skip_corrupt_images, embeddings=embeddings,
-                                          device=device)
-                sae.config.provenance = json.loads(json.dumps(key))
-                write_dir_atomic(sae_dir, sae.save_pretrained)  # whole or absent: it is reused on resume
+                kept = {spec: SparseAutoencoder.from_pretrained(spec_dirs[spec]) for spec in specs if reusable[spec]}
+                fit = dict(output_dir=output_dir, seed=training_args.seed, skip_corrupt_images=skip_corrupt_images,
+                           embeddings=embeddings, device=device)
+                trained = ({specs[0]: train_sae_for_model(model, train_dataset, eval_transform, model_args, **fit)}
+                           if len(specs) == 1 else
+                           train_saes_for_model(model, train_dataset, eval_transform, model_args, **fit,
+                                                representations=[s for s in specs if not reusable[s]]))
+                for spec, new in trained.items():
+                    new.config.provenance = json.loads(json.dumps(keys[spec]))
+                saes = {spec: kept[spec] if spec in kept else trained[spec] for spec in specs}
+                # Whole or absent (every SAE of the set together): it is reused on resume.
+                write_dir_atomic(sae_dir, lambda tmp: save_sae_set(saes, tmp))
 
     if (training_args.reference_mode == "cached" and training_args.regularization_active
             and training_args.regularizer in ("sae_ft", "feature_distill")):
@@ -532,7 +618,7 @@ def run_saeft(
     trainer = SAEFTTrainer(
         model=model,
         args=training_args,
-        sae=sae,
+        sae=saes,
         train_dataset=with_image_transform(train_dataset, train_transform, skip_corrupt_images=skip_corrupt_images),
         eval_dataset=(with_image_transform(eval_dataset, eval_transform, skip_corrupt_images=skip_corrupt_images)
                       if eval_dataset is not None else None),
@@ -602,4 +688,5 @@ def run_saeft(
             url = push_run_to_hub(output_dir, repo_id, token=hub_token,
                                   private=training_args.hub_private_repo, revision=training_args.hub_revision)
             logger.info("Pushed to %s", url)
-    return RunResult(trainer=trainer, sae=sae, results=results)
+    single = trainer.sae if needs_sae else (sae if isinstance(sae, SparseAutoencoder) else None)
+    return RunResult(trainer=trainer, sae=single, results=results, saes=trainer.saes)

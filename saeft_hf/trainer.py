@@ -38,8 +38,9 @@ from .checkpoints import (
 )
 from .config import SAEFTConfig
 from .modeling import SAEFTCLIPForImageClassification
-from .penalty import feature_distillation_penalty, l2sp_penalty, sae_ft_penalty
+from .penalty import feature_distillation_penalty, l2sp_penalty, sae_ft_penalty, summed_sae_ft_penalty
 from .sae import SparseAutoencoder
+from .sae_set import SAESet, as_sae_set, load_sae_set, save_sae_set
 
 SAE_SUBFOLDER = "sae"
 
@@ -91,7 +92,10 @@ class SAEFTTrainer(Trainer):
     Args:
         model: a `SAEFTCLIPForImageClassification`, or a `PeftModel` wrapping one (`saeft_hf.lora.add_lora`).
         args: a `SAEFTConfig`.
-        sae: the frozen SAE for `regularizer="sae_ft"`; loaded from `args.sae_name_or_path` when not given.
+        sae: the frozen SAE for `regularizer="sae_ft"`; loaded from `args.sae_name_or_path` when not given. With
+            several representations (`representation="hidden_states.-1.cls,hidden_states.-2.cls"`), one SAE per
+            representation: a `{spec: SAE}` mapping or a list (see `saeft_hf.sae_set`); the penalty is their sum,
+            each term also logged per representation (`add_<spec>`, `penalty_<spec>`, ...).
         **kwargs: everything `transformers.Trainer` takes (datasets, collator, callbacks, ...). `compute_metrics`
             defaults to top-1 accuracy.
     """
@@ -99,17 +103,21 @@ class SAEFTTrainer(Trainer):
     # compute_loss returns a per-micro-batch mean: the Trainer divides it by the accumulation steps.
     loss_is_scaled_for_ga = False
 
-    def __init__(self, model: nn.Module, args: SAEFTConfig, *, sae: SparseAutoencoder | None = None, **kwargs: Any) -> None:
+    def __init__(self, model: nn.Module, args: SAEFTConfig, *,
+                 sae: SparseAutoencoder | dict[str, SparseAutoencoder] | list[SparseAutoencoder] | None = None,
+                 **kwargs: Any) -> None:
         if not isinstance(args, SAEFTConfig):
             raise TypeError(f"SAEFTTrainer needs args=SAEFTConfig(...), got {type(args).__name__}.")
         base = base_classifier(model)
         self.is_lora = isinstance(model, PeftModel)
-        self.sae: SparseAutoencoder | None = None
+        self.sae: SparseAutoencoder | None = None  # the SAE of a single-representation run
+        self.saes: SAESet | None = None  # spec -> SAE, every run with the SAE-FT penalty (one entry or several)
         self.ref_model: SAEFTCLIPForImageClassification | None = None
         self._l2sp_reference: dict[str, torch.Tensor] | None = None
         if args.regularization_active:
             if args.regularizer == "sae_ft":
-                self.sae = self._load_sae(sae, args, base)
+                self.saes = self._load_saes(sae, args, base)
+                self.sae = next(iter(self.saes.values())) if len(self.saes) == 1 else None
             needs_embeddings = args.regularizer in ("sae_ft", "feature_distill")
             if needs_embeddings and args.reference_mode == "live" and not self.is_lora:
                 # The frozen f0: a copy taken before any training step (and before a resumed checkpoint is loaded).
@@ -124,7 +132,7 @@ class SAEFTTrainer(Trainer):
             kwargs["train_dataset"] = self._prepare_stream(kwargs["train_dataset"], args)
         super().__init__(model=model, args=args, **kwargs)
         device = self.args.device
-        for module in (self.sae, self.ref_model):
+        for module in (*(self.saes or {}).values(), self.ref_model):
             if module is not None:
                 module.to(device)
         if self._l2sp_reference is not None:
@@ -197,20 +205,25 @@ class SAEFTTrainer(Trainer):
         return values
 
     @staticmethod
-    def _load_sae(sae: SparseAutoencoder | None, args: SAEFTConfig, base: SAEFTCLIPForImageClassification) -> SparseAutoencoder:
+    def _load_saes(sae: SparseAutoencoder | dict[str, SparseAutoencoder] | list[SparseAutoencoder] | None,
+                   args: SAEFTConfig, base: SAEFTCLIPForImageClassification) -> SAESet:
+        specs = base.representation_specs()
         if sae is None:
             if args.sae_name_or_path is None:
                 raise ValueError(
                     "regularizer='sae_ft' with lambda_reg > 0 needs an SAE: pass `sae=` or `sae_name_or_path`, or train "
                     "one on the pre-trained model's embeddings first (saeft_hf.train_sae / recipes/train_sae.py)."
                 )
-            sae = SparseAutoencoder.from_pretrained(args.sae_name_or_path)
-        sae.check_compatible(
-            d_in=base.representation_dim(),
-            source_model=None if args.allow_sae_source_mismatch else base.config.source_model,
-            representation=base.config.representation,
-        )
-        return sae.requires_grad_(False).eval()
+            saes = load_sae_set(args.sae_name_or_path, specs)
+        else:
+            saes = as_sae_set(sae, specs)
+        for spec, width in zip(specs, base.representation_dims()):
+            saes[spec].check_compatible(
+                d_in=width,
+                source_model=None if args.allow_sae_source_mismatch else base.config.source_model,
+                representation=spec,
+            )
+        return {spec: s.requires_grad_(False).eval() for spec, s in saes.items()}
 
     # ------------------------------------------------------------------------------------------------------------
     # The loss
@@ -267,13 +280,28 @@ class SAEFTTrainer(Trainer):
                     )
                 else:
                     z0 = self.reference_representation(model, inputs["pixel_values"])
-                if args.regularizer == "feature_distill":
+                base = base_classifier(self.accelerator.unwrap_model(model))
+                several = len(base.representation_specs()) > 1
+                if several:  # concatenated in the model's order of representations: one part per SAE
+                    z_parts, z0_parts = base.split_representation(z), base.split_representation(z0)
+                if args.regularizer == "feature_distill" and several:
+                    reg = sum(feature_distillation_penalty(z_parts[r].float(), z0_parts[r].float(),
+                                                           normalize=args.sae_normalize) for r in z_parts)
+                elif args.regularizer == "feature_distill":
                     reg = feature_distillation_penalty(z.float(), z0.float(), normalize=args.sae_normalize)
                 else:
-                    penalty = sae_ft_penalty(
-                        self.sae, z, z0, lambda_add=args.lambda_add, lambda_remove=args.lambda_remove, mu=args.mu,
-                        normalize=args.sae_normalize,
-                    )
+                    weights = dict(lambda_add=args.lambda_add, lambda_remove=args.lambda_remove, mu=args.mu,
+                                   normalize=args.sae_normalize)
+                    if several:
+                        summed = summed_sae_ft_penalty(self.saes, z_parts, z0_parts, **weights)
+                        penalty = summed.summed
+                        for spec, part in summed.per_representation.items():
+                            terms.update({f"{name}_{spec}": value for name, value in (
+                                ("penalty", part.total), ("add", part.add), ("remove", part.remove),
+                                ("residual", part.residual), ("features_added", part.features_added),
+                                ("features_removed", part.features_removed))})
+                    else:
+                        penalty = sae_ft_penalty(self.sae, z, z0, **weights)
                     reg = penalty.total
                     terms.update(
                         add=penalty.add, remove=penalty.remove, residual=penalty.residual,
@@ -352,11 +380,14 @@ class SAEFTTrainer(Trainer):
         args: SAEFTConfig = self.args
         base = base_classifier(self.model)
         source = base.config.source_model
-        if self._sae_digest is None and self.sae is not None:
+        if self._sae_digest is None and self.saes is not None:
             digest = hashlib.sha256()
-            for name, tensor in sorted(self.sae.state_dict().items()):
-                digest.update(name.encode())
-                digest.update(tensor.detach().float().cpu().numpy().tobytes())
+            for spec, sae in self.saes.items():
+                if len(self.saes) > 1:  # one SAE: the digest of earlier versions, so their checkpoints still resume
+                    digest.update(spec.encode())
+                for name, tensor in sorted(sae.state_dict().items()):
+                    digest.update(name.encode())
+                    digest.update(tensor.detach().float().cpu().numpy().tobytes())
             self._sae_digest = digest.hexdigest()[:16]
         world = max(1, args.world_size)
         return {
@@ -368,7 +399,7 @@ class SAEFTTrainer(Trainer):
             "regularizer": args.regularizer if args.regularization_active else "none",
             "lambda_reg": args.lambda_reg, "lambda_add": args.lambda_add, "lambda_remove": args.lambda_remove,
             "mu": args.mu, "sae_normalize": args.sae_normalize,
-            "sae": self._sae_digest if self.sae is not None else None,
+            "sae": self._sae_digest if self.saes is not None else None,
             "global_batch_size": args.per_device_train_batch_size * world * args.gradient_accumulation_steps,
             "world_size": world,
             "per_device_train_batch_size": args.per_device_train_batch_size,
@@ -463,7 +494,9 @@ class SAEFTTrainer(Trainer):
     def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
         super()._save(output_dir, state_dict=state_dict)
         output_dir = output_dir if output_dir is not None else self.args.output_dir
-        if self.sae is not None and self.args.should_save:
+        if self.saes is not None and self.args.should_save:
             # The SAE travels with every checkpoint and with the final model (and so to the Hub); written as a whole
-            # folder, so a kill while it is replaced leaves the old or the new SAE, never a mix.
-            write_dir_atomic(os.path.join(output_dir, SAE_SUBFOLDER), self.sae.save_pretrained)
+            # folder, so a kill while it is replaced leaves the old or the new SAE, never a mix. Several: one
+            # subfolder per representation (saeft_hf.sae_set).
+            saes = self.saes
+            write_dir_atomic(os.path.join(output_dir, SAE_SUBFOLDER), lambda tmp: save_sae_set(saes, tmp))

@@ -25,8 +25,9 @@ import datasets
 import torch
 
 from .imagenet_classes import imagenet_classnames
-from .modeling import parse_representation
+from .modeling import parse_representation, parse_representations
 from .sae import ACTIVATIONS, SAELoadError, SparseAutoencoder
+from .sae_set import match_sae_set
 
 logger = logging.getLogger(__name__)
 
@@ -208,9 +209,9 @@ def check_training_args(args: Any, *, streaming: bool = False) -> None:
 
 
 def check_model_args(model_args: Any) -> None:
-    """`ModelArguments`: the representation spec and the settings of an SAE the run would train."""
+    """`ModelArguments`: the representation spec(s) and the settings of an SAE the run would train."""
     try:
-        parse_representation(model_args.representation)
+        parse_representations(model_args.representation)
     except ValueError as err:
         raise SAEFTConfigError(str(err)) from err
     positive = ("sae_d_sae_multiplier", "sae_k", "sae_epochs", "sae_batch_size", "embedding_batch_size")
@@ -252,6 +253,15 @@ def representation_width(representation: str, shape: Mapping[str, int]) -> int:
                 f"0..{n} (or -1 for the last)."
             )
     return shape["hidden_size"]
+
+
+def representation_widths(representation: str | Sequence[str], shape: Mapping[str, int]) -> dict[str, int]:
+    """`{spec: width}` for one or several (comma-separated) representations, each layer checked to exist."""
+    try:
+        specs = parse_representations(representation)
+    except ValueError as err:
+        raise SAEFTConfigError(str(err)) from err
+    return {spec: representation_width(spec, shape) for spec in specs}
 
 
 def check_wise_ft_alphas(alphas: Any) -> list[float] | None:
@@ -636,10 +646,24 @@ def check_sae(sae: SparseAutoencoder, *, width: int, representation: str, source
     sae.check_compatible(d_in=width, representation=representation, source_model=source_model)
 
 
-def sae_training_key(model_args: Any, *, seed: int, data_fingerprint: str | None) -> dict[str, Any]:
-    """What makes the SAE a run trains itself: its settings and the images (stored in its `provenance`)."""
+def check_sae_set(saes: Mapping[str, SparseAutoencoder], *, widths: Mapping[str, int],
+                  source_model: str | None) -> None:
+    """Every SAE of a `{spec: SAE}` set (see `saeft_hf.sae_set`) fits its representation (`check_sae`), and the set
+    covers exactly the representations in `widths`."""
+    match_sae_set(saes, list(widths), "The SAEs")
+    for spec, width in widths.items():
+        check_sae(saes[spec], width=width, representation=spec, source_model=source_model)
+
+
+def sae_training_key(model_args: Any, *, seed: int, data_fingerprint: str | None,
+                     representation: str | None = None) -> dict[str, Any]:
+    """What makes the SAE a run trains itself: its settings and the images (stored in its `provenance`).
+
+    `representation`: the one this SAE is for, in a run with several (default: the run's `model_args.representation`).
+    """
     return {
-        "model": str(model_args.model_name_or_path), "representation": model_args.representation,
+        "model": str(model_args.model_name_or_path),
+        "representation": representation or model_args.representation,
         "d_sae_multiplier": model_args.sae_d_sae_multiplier, "k": model_args.sae_k,
         "activation": model_args.sae_activation, "epochs": model_args.sae_epochs,
         "batch_size": model_args.sae_batch_size, "lr": model_args.sae_lr, "max_samples": model_args.sae_max_samples,
@@ -720,7 +744,7 @@ def validate_run(
         check_labels_fit_head(eval_dataset, num_labels, "The evaluation set")
     check_eval_sets(eval_sets, num_labels, id_name=id_name, wise_ft_alphas=alphas)
     if shape is not None:
-        representation_width(model_args.representation, shape)
+        representation_widths(model_args.representation, shape)
     reg_active = training_args.regularizer != "none" and training_args.lambda_reg > 0
     if (training_args.reference_mode == "cached" and reg_active and streaming
             and training_args.regularizer in ("sae_ft", "feature_distill")
