@@ -27,12 +27,13 @@ import yaml
 
 from ..config import SAEFTConfig
 from ..data import transforms_from_pretrained, with_image_transform
-from ..embeddings import compute_embeddings
+from ..embeddings import compute_embeddings, compute_representations
 from ..evaluation import evaluate_sets, pretransform, shift_averages
 from ..evaluation.accuracy import PixelSet
 from ..hub import save_results
 from ..pipeline import ModelArguments, run_saeft
 from ..sae import SAEConfig, SparseAutoencoder
+from ..sae_set import load_sae_set, save_sae_set
 from ..sae_training import train_sae
 from ..zeroshot import fit_linear_probe, from_clip, set_head
 from .curves import GAIN_RULE, curve_points, gain_over_wise_curve
@@ -144,19 +145,27 @@ def _versions() -> dict[str, str]:
 
 
 def train_benchmark_sae(model: Any, data: Any, eval_transform: Any, cfg: DigitExperimentConfig, out_dir: str,
-                        source_model: str) -> SparseAutoencoder:
+                        source_model: str) -> SparseAutoencoder | dict[str, SparseAutoencoder]:
     """The SAE on the pre-trained model's representation (`model.config.representation`) of `cfg.sae_data`: the broad
-    pre-training pool (like ImageNet-train for a web-pretrained CLIP) or the fine-tuning images."""
+    pre-training pool (like ImageNet-train for a web-pretrained CLIP) or the fine-tuning images. Several
+    representations (comma-separated) give one SAE each, from one embedding pass, saved as `out_dir/<spec>/`."""
     if cfg.sae_data not in ("pretrain", "finetune"):
         raise ValueError(f"sae_data={cfg.sae_data!r}: use `pretrain` (the pool) or `finetune` (the fine-tuning set).")
-    embeddings = compute_embeddings(model, with_image_transform(data[cfg.sae_data], eval_transform), batch_size=512,
-                                    progress=False)
-    config = SAEConfig(d_in=embeddings.shape[1], d_sae=cfg.sae_d_sae, k=cfg.sae_k, activation=cfg.sae_activation,
-                       source_model=source_model, representation=model.config.representation)
-    result = train_sae(embeddings, config, epochs=cfg.sae_epochs, batch_size=cfg.sae_batch_size, lr=cfg.sae_lr,
-                       progress=False)
-    result.sae.save_pretrained(out_dir)
-    return result.sae
+    specs = model.config.representation
+    embeddings = compute_representations(model, with_image_transform(data[cfg.sae_data], eval_transform), specs,
+                                         batch_size=512, progress=False)
+    saes = {}
+    for spec, x in embeddings.items():
+        config = SAEConfig(d_in=x.shape[1], d_sae=cfg.sae_d_sae, k=cfg.sae_k, activation=cfg.sae_activation,
+                           source_model=source_model, representation=spec)
+        saes[spec] = train_sae(x, config, epochs=cfg.sae_epochs, batch_size=cfg.sae_batch_size, lr=cfg.sae_lr,
+                               progress=False).sae
+    if len(saes) == 1:
+        (sae,) = saes.values()
+        sae.save_pretrained(out_dir)
+        return sae
+    save_sae_set(saes, out_dir)
+    return saes
 
 
 def method_args(method: str, cfg: DigitExperimentConfig, seed: int, out_dir: str) -> SAEFTConfig:
@@ -299,8 +308,10 @@ def run_digit_experiment(cfg: DigitExperimentConfig, variants: Mapping[str, Vari
             cached = os.path.join(cfg.sae_cache_dir, tag) if cfg.sae_cache_dir else None
             if run_cfg.sae_name_or_path:
                 saes[key] = SparseAutoencoder.from_pretrained(run_cfg.sae_name_or_path)
-            elif cached and os.path.isfile(os.path.join(cached, "config.json")):
-                saes[key] = SparseAutoencoder.from_pretrained(cached)
+            elif cached and os.path.isdir(cached):
+                specs = run_cfg.representation.split(",")
+                saes[key] = (SparseAutoencoder.from_pretrained(cached) if len(specs) == 1
+                             else load_sae_set(cached, specs))
             else:
                 # The default SAE keeps its place (output_dir/sae); the others are named by their settings.
                 default = key == _sae_settings(dataclasses.replace(DigitExperimentConfig(), clip_name_or_path=cfg.clip_name_or_path))
