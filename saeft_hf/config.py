@@ -60,7 +60,8 @@ class SAEFTConfig(TrainingArguments):
     )
     sae_name_or_path: str | None = field(
         default=None,
-        metadata={"help": "SAE for the penalty: a Hub repo or a directory written by SparseAutoencoder.save_pretrained."},
+        metadata={"help": "SAE for the penalty: a Hub repo or a directory written by SparseAutoencoder.save_pretrained, "
+                          "or an SAELens or sparsify SAE (folder or Hub repo; one hookpoint's sub-folder)."},
     )
     allow_sae_source_mismatch: bool = field(
         default=False,

@@ -35,6 +35,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from huggingface_hub import snapshot_download
 from safetensors.torch import load_file, save_file
 
 from .atomic import write_file_atomic, write_text_atomic
@@ -93,8 +94,6 @@ def hub_snapshot(repo_id: str, subfolder: str | None, **hub_kwargs: Any) -> tupl
     First only the small JSON files (to tell the layout and list the hookpoints), then the weights of the one SAE.
     `hub_kwargs`: revision, token, cache_dir, local_files_only, force_download.
     """
-    from huggingface_hub import snapshot_download
-
     prefix = f"{subfolder.strip('/')}/" if subfolder else ""
     patterns = [f"{prefix}{FOREIGN_CONFIG}", f"{prefix}config.json"] + ([] if subfolder else [f"*/{FOREIGN_CONFIG}"])
     root = Path(snapshot_download(repo_id, allow_patterns=patterns, **hub_kwargs))
