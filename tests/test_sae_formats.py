@@ -1,14 +1,15 @@
 """SAEs from and for other tools: SAELens and EleutherAI sparsify (saeft_hf.sae_formats).
 
 The fixtures under tests/fixtures/ were written by the real packages (sae-lens 6.54.12, eai-sparsify 1.3.3) with
-tests/fixtures/make_saelens_fixtures.py, together with the codes their own `encode` returns on stored inputs; these
-tests need neither package. The one mock is the Hub's network edge (`hf_hub_download`, `snapshot_download`), served
-from a local folder.
+tests/fixtures/make_saelens_fixtures.py, together with the codes their own `encode` returns on stored inputs; two
+(`topk_trained`, `batchtopk`) were trained by SAELens's own training step. These tests need neither package. The
+one mock is the Hub's network edge (`hf_hub_download`, `snapshot_download`), served from a local folder.
 
 Tolerance: the codes of `standard`, `topk`, `batchtopk` and sparsify come from the same float32 products as the
 package's, so they must match exactly. Where a SAELens option is folded into the weights (`rescale_acts_by_decoder_norm`,
-`apply_b_dec_to_input: false`) the products are rounded differently: a few float32 ulps of the largest term, so a
-relative tolerance of 1e-5 of the largest code; the set of active latents must still be identical.
+`apply_b_dec_to_input: false`; SAELens's trainer saves TopK with the norms folded but the flag still on, so
+`topk_trained` too) the products are rounded differently: a few float32 ulps of the largest term, so a relative
+tolerance of 1e-5 of the largest code; the set of active latents must still be identical.
 """
 
 from __future__ import annotations
@@ -31,9 +32,9 @@ from saeft_hf.validation import check_sae
 FIXTURES = Path(__file__).resolve().parent / "fixtures"
 SAELENS, SPARSIFY = FIXTURES / "saelens", FIXTURES / "sparsify"
 EXACT = ("standard", "topk", "batchtopk")
-FOLDED = ("standard_no_b_dec_in", "topk_rescaled")
+FOLDED = ("standard_no_b_dec_in", "topk_rescaled", "topk_trained")
 ACTIVATION = {"standard": "relu", "standard_no_b_dec_in": "relu", "topk": "topk", "topk_rescaled": "topk",
-              "batchtopk": "batchtopk"}
+              "topk_trained": "topk", "batchtopk": "batchtopk"}
 
 
 def samples(path: Path) -> tuple[torch.Tensor, torch.Tensor]:
@@ -67,8 +68,9 @@ def test_saelens_sae_gives_saelens_codes(name, caplog):
     assert sae.config.provenance["imported_from"]["format"] == "saelens"
     with torch.no_grad():
         assert_same_codes(sae.encode(inputs), codes, exact=name in EXACT)
-    if name == "batchtopk":
-        assert sae.config.k == 4 and float(sae.threshold) == 0.75  # SAELens's k and its shared threshold
+    if name == "batchtopk":  # SAELens's k and the one threshold it learned, saved per latent
+        assert sae.config.k == 4
+        assert torch.equal(load_file(SAELENS / name / "sae_weights.safetensors")["threshold"], sae.threshold.expand(32))
 
 
 @pytest.mark.parametrize("hookpoint", ["layers.2", "layers.5"])
@@ -269,3 +271,26 @@ def test_a_saelens_sae_is_a_working_saeft_dictionary(name):
     out.total.backward()
     assert torch.isfinite(out.total) and z.grad is not None and z.grad.abs().sum() > 0
     assert all(p.grad is None for p in sae.parameters())  # the dictionary stays frozen
+
+
+def test_a_run_fine_tunes_with_an_sae_saelens_wrote(tmp_path):
+    """`--sae_name_or_path` an SAELens folder: two SAE-FT steps of the tiny CLIP (image_embeds, width 16)."""
+    from helpers import CLASSNAMES, TEMPLATES, make_image_folder, make_tiny_clip, tiny_run_config
+    from saeft_hf.data import load_image_dataset
+    from saeft_hf.pipeline import ModelArguments, run_saeft
+
+    clip = make_tiny_clip(tmp_path / "clip")
+    root = make_image_folder(tmp_path / "train", per_class=2)
+    train = load_image_dataset(train_dir=root, split="train", cache_dir=str(tmp_path / "cache"))
+    model_args = ModelArguments(model_name_or_path=str(clip), embedding_batch_size=8)
+    with pytest.raises(SAEMismatchError, match="trained on `openai/clip-vit-base-patch32`"):  # its metadata's model
+        run_saeft(model_args, tiny_run_config(tmp_path / "refused", sae_name_or_path=str(SAELENS / "topk")),
+                  train_dataset=train, eval_dataset=None, classnames=CLASSNAMES, templates=TEMPLATES)
+    args = tiny_run_config(tmp_path / "out", sae_name_or_path=str(SAELENS / "topk"), allow_sae_source_mismatch=True,
+                           max_steps=2)
+    result = run_saeft(model_args, args, train_dataset=train, eval_dataset=None, classnames=CLASSNAMES,
+                       templates=TEMPLATES)
+    assert result.sae.config.provenance["imported_from"]["format"] == "saelens"
+    steps = [h for h in result.trainer.state.log_history if "residual" in h]
+    # Step 1: z = z0, nothing drifted; step 2: the SAELens dictionary sees the drift the first step made.
+    assert len(steps) == 2 and steps[0]["penalty"] == 0 and steps[1]["residual"] > 0
