@@ -254,7 +254,7 @@ def test_hub_repos_of_saelens_and_sparsify_load(hub):
 # ----------------------------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("name", ["topk", "batchtopk"])
+@pytest.mark.parametrize("name", ["topk_trained", "batchtopk"])  # both trained by SAELens
 def test_a_saelens_sae_is_a_working_saeft_dictionary(name):
     sae = SparseAutoencoder.from_pretrained(SAELENS / name, default_representation="hidden_states.2.cls")
     # What run_saeft checks for `--sae_name_or_path`: width, representation and (unless allowed) the source model.
