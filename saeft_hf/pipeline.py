@@ -450,7 +450,8 @@ def run_saeft(
     if needs_sae:
         if sae is None and training_args.sae_name_or_path:
             # An SAELens/sparsify SAE names no representation of ours: it is taken to read this run's.
-            sae = SparseAutoencoder.from_pretrained(training_args.sae_name_or_path, default_representation=representation)
+            sae = SparseAutoencoder.from_pretrained(training_args.sae_name_or_path,
+                                                    default_representation=representation)
         if sae is not None:
             check_sae(sae, width=representation_width(representation, shape), representation=representation,
                       source_model=None if training_args.allow_sae_source_mismatch else source_model)

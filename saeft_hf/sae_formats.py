@@ -20,9 +20,10 @@ sparsify (EleutherAI): `cfg.json` + `sae.safetensors` (`encoder.weight` [d_sae, 
 [d_sae, d_in], `b_dec`); encode is relu(linear(x - b_dec)) then the top k -> our `topk`. A repo or run folder holds
 one sub-folder per hookpoint (and the run's `config.json`). Transcoders, skip connections and `groupmax` are refused.
 
-Foreign files name no saeft-hf representation: an SAELens `hook_name` that is one (as our export writes it) is used,
-otherwise the caller's `default_representation` (default `image_embeds`, with a warning). `model_name` (SAELens) or
-the run's `model` (sparsify) becomes `source_model`.
+Weights are read as float32 (our parameters' dtype; widening bf16/fp16 is exact, but SAELens would encode a bf16 SAE
+in bf16, so its codes can then differ in rounding). Foreign files name no saeft-hf representation: an SAELens
+`hook_name` that is one (as our export writes it) is used, otherwise the caller's `default_representation` (default
+`image_embeds`, with a warning). `model_name` (SAELens) or the run's `model` (sparsify) becomes `source_model`.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import posixpath
 import re
 from pathlib import Path
 from typing import Any
@@ -94,10 +96,11 @@ def hub_snapshot(repo_id: str, subfolder: str | None, **hub_kwargs: Any) -> tupl
     First only the small JSON files (to tell the layout and list the hookpoints), then the weights of the one SAE.
     `hub_kwargs`: revision, token, cache_dir, local_files_only, force_download.
     """
-    prefix = f"{subfolder.strip('/')}/" if subfolder else ""
-    patterns = [f"{prefix}{FOREIGN_CONFIG}", f"{prefix}config.json"] + ([] if subfolder else [f"*/{FOREIGN_CONFIG}"])
-    root = Path(snapshot_download(repo_id, allow_patterns=patterns, **hub_kwargs))
     sub = subfolder.strip("/") if subfolder else ""
+    prefix, parent = (f"{sub}/" if sub else ""), posixpath.dirname(sub)
+    # The SAE's cfg.json, those below it (to list hookpoints), and the run's config.json beside it (sparsify's model).
+    patterns = [f"{prefix}{FOREIGN_CONFIG}", f"{prefix}*/{FOREIGN_CONFIG}", f"{parent}/config.json" if parent else "config.json"]
+    root = Path(snapshot_download(repo_id, allow_patterns=patterns, **hub_kwargs))
     if not (root / sub / FOREIGN_CONFIG).is_file():
         choices = sae_subfolders(root / sub)
         if choices:
@@ -243,7 +246,8 @@ def read_saelens(folder: Path, *, default_representation: str | None = None) -> 
         shapes["threshold"] = (d_sae,)
     _check_tensors(state, shapes, weights, f"an SAELens `{arch}` SAE with d_in={d_in}, d_sae={d_sae}")
 
-    details = metadata.get("training_architecture_details") or {}
+    details = metadata.get("training_architecture_details")
+    details = details if isinstance(details, dict) else {}
     k: int | None = None
     threshold = None
     if arch == "standard":

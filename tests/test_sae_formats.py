@@ -244,8 +244,10 @@ def test_hub_repos_of_saelens_and_sparsify_load(hub):
     sae = SparseAutoencoder.from_pretrained("org/sparsify-run", subfolder="layers.5")
     inputs, codes = samples(SPARSIFY / "layers.5.samples.safetensors")
     assert_same_codes(sae.encode(inputs), codes, exact=True)
+    assert sae.config.source_model == "openai/clip-vit-base-patch32"  # the run's config.json came along
     # Only JSON to find the layout, then one hookpoint's weights: never the whole repo.
-    assert hub.snapshots[-1] == ["layers.5/sae_weights.safetensors", "layers.5/sae.safetensors"]
+    assert hub.snapshots[-2:] == [["layers.5/cfg.json", "layers.5/*/cfg.json", "config.json"],
+                                  ["layers.5/sae_weights.safetensors", "layers.5/sae.safetensors"]]
     assert not (hub.cache / "org--sparsify-run" / "layers.2" / "sae.safetensors").exists()
 
 
