@@ -204,7 +204,9 @@ class SAEFTTrainer(Trainer):
                     "regularizer='sae_ft' with lambda_reg > 0 needs an SAE: pass `sae=` or `sae_name_or_path`, or train "
                     "one on the pre-trained model's embeddings first (saeft_hf.train_sae / recipes/train_sae.py)."
                 )
-            sae = SparseAutoencoder.from_pretrained(args.sae_name_or_path)
+            # An SAELens/sparsify SAE names no representation of ours: it is taken to read the model's.
+            sae = SparseAutoencoder.from_pretrained(args.sae_name_or_path,
+                                                    default_representation=base.config.representation)
         sae.check_compatible(
             d_in=base.representation_dim(),
             source_model=None if args.allow_sae_source_mismatch else base.config.source_model,

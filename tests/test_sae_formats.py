@@ -25,7 +25,7 @@ import torch
 from huggingface_hub.errors import EntryNotFoundError
 from safetensors.torch import load_file, save_file
 
-from saeft_hf import SAEConfig, SparseAutoencoder, sae_ft_penalty
+from saeft_hf import SAEConfig, SAEFTConfig, SparseAutoencoder, sae_ft_penalty
 from saeft_hf.sae import SAELoadError, SAEMismatchError
 from saeft_hf.validation import check_sae
 
@@ -296,3 +296,22 @@ def test_a_run_fine_tunes_with_an_sae_saelens_wrote(tmp_path):
     steps = [h for h in result.trainer.state.log_history if "residual" in h]
     # Step 1: z = z0, nothing drifted; step 2: the SAELens dictionary sees the drift the first step made.
     assert len(steps) == 2 and steps[0]["penalty"] == 0 and steps[1]["residual"] > 0
+
+
+def test_the_trainer_takes_a_foreign_sae_as_reading_the_models_representation(tmp_path):
+    """`SAEFTTrainer(args.sae_name_or_path=...)`: a foreign SAE for hidden states is recorded on the model's one."""
+    from helpers import CLASSNAMES, TEMPLATES, make_tiny_clip
+    from saeft_hf import SAEFTTrainer
+    from saeft_hf.zeroshot import from_clip
+
+    model = from_clip(str(make_tiny_clip(tmp_path / "clip")), CLASSNAMES, TEMPLATES,
+                      representation="hidden_states.1.cls", progress=False)  # width 32
+    folder = tmp_path / "from-another-tool"
+    SparseAutoencoder(SAEConfig(d_in=32, d_sae=64, k=4, activation="topk", input_normalization="none")).save_pretrained(
+        folder, format="saelens")
+    cfg = json.loads((folder / "cfg.json").read_text())
+    cfg["metadata"]["hook_name"] = "blocks.1.hook_resid_post"  # a TransformerLens hook, none of ours
+    (folder / "cfg.json").write_text(json.dumps(cfg))
+    args = SAEFTConfig(output_dir=str(tmp_path / "out"), sae_name_or_path=str(folder), use_cpu=True, report_to="none")
+    trainer = SAEFTTrainer(model=model, args=args)
+    assert trainer.sae.config.representation == "hidden_states.1.cls" and not trainer.sae.training
