@@ -60,9 +60,10 @@ class SAEFTConfig(TrainingArguments):
     )
     sae_name_or_path: str | None = field(
         default=None,
-        metadata={"help": "SAE for the penalty: a Hub repo or a directory written by SparseAutoencoder.save_pretrained. "
-                          "Several representations: a folder (or repo) with one SAE per representation in "
-                          "<representation>/ subfolders, as a run saves in output_dir/sae/."},
+        metadata={"help": "SAE for the penalty: a Hub repo or a directory written by SparseAutoencoder.save_pretrained, "
+                          "or an SAELens or sparsify SAE (folder or Hub repo; one hookpoint's sub-folder). Several "
+                          "representations: a folder (or repo) with one SAE per representation in <representation>/ "
+                          "subfolders, as a run saves in output_dir/sae/."},
     )
     allow_sae_source_mismatch: bool = field(
         default=False,

@@ -47,6 +47,10 @@ class SAELoadError(ValueError):
     """A saved SAE could not be loaded: bad config, missing file, or weights that disagree with the config."""
 
 
+class _NotCached(SAELoadError):
+    """Offline, and the Hub repo's config.json is not in the local cache."""
+
+
 class SAEMismatchError(ValueError):
     """The SAE does not fit the model or representation it is being used on."""
 
@@ -389,13 +393,26 @@ class SparseAutoencoder(
         repo_id: str | None = None,
         push_to_hub: bool = False,
         model_card_kwargs: dict[str, Any] | None = None,
+        format: str = "saeft",
         **push_to_hub_kwargs: Any,
     ) -> str | None:
         """Write `config.json`, `model.safetensors` and a model card (README.md) into `save_directory`.
 
-        `config` is accepted for compatibility with `PyTorchModelHubMixin.push_to_hub` and ignored: the SAE's own
-        `self.config` is always what is written.
+        `format="saelens"` writes instead a folder SAELens loads (`cfg.json` + `sae_weights.safetensors`, see
+        `saeft_hf.sae_formats`), and raises `ValueError` naming why for SAEs SAELens cannot express (`topk_signed`,
+        unit-norm inputs). `config` is accepted for compatibility with `PyTorchModelHubMixin.push_to_hub` and ignored:
+        the SAE's own `self.config` is always what is written.
         """
+        if format not in ("saeft", "saelens"):
+            raise ValueError(f"Unknown SAE format {format!r}; choose 'saeft' (saeft-hf's own) or 'saelens'.")
+        if format == "saelens":
+            if push_to_hub:
+                raise ValueError("push_to_hub writes saeft-hf's own format; to share the SAELens copy, upload the "
+                                 "folder it writes with `hf upload REPO_ID FOLDER`.")
+            from .sae_formats import save_saelens
+
+            save_saelens(self.config, self.state_dict(), save_directory)
+            return None
         save_directory = Path(save_directory)
         save_directory.mkdir(parents=True, exist_ok=True)
         self._save_pretrained(save_directory)
@@ -445,11 +462,29 @@ class SparseAutoencoder(
         force_download: bool = False,
         map_location: str | torch.device = "cpu",
         subfolder: str | None = None,
+        default_representation: str | None = None,
     ) -> SparseAutoencoder:
-        """Load an SAE from a local directory or a Hub repo (safetensors only; strict keys and shapes)."""
+        """Load an SAE from a local directory or a Hub repo (safetensors only; strict keys and shapes), in eval mode.
+
+        Besides saeft-hf's own folders, reads SAELens (`cfg.json` + `sae_weights.safetensors`) and EleutherAI sparsify
+        (`cfg.json` + `sae.safetensors`) SAEs whose encode it reproduces exactly, and refuses the others naming why
+        (see `saeft_hf.sae_formats`). A folder or repo holding one SAE per hookpoint needs `subfolder`; the error
+        lists the choices. `default_representation`: the representation to record for a foreign SAE whose files do
+        not name one of saeft-hf's (default `image_embeds`, with a warning).
+        """
+        from . import sae_formats
+
         source = str(pretrained_model_name_or_path)
         is_dir = os.path.isdir(source)
         _check_sae_source(source, is_dir)
+        if is_dir:
+            folder = Path(source, subfolder or "")
+            if subfolder and not folder.is_dir() and (choices := sae_formats.sae_subfolders(source)):
+                raise sae_formats.choose_subfolder_error(f"`{source}` has no sub-folder {subfolder!r}; it", choices)
+            if sae_formats.detect_format(folder):
+                return cls._from_foreign(folder, default_representation, map_location)
+            if not _is_own_config(folder / CONFIG_NAME) and (choices := sae_formats.sae_subfolders(folder)):
+                raise sae_formats.choose_subfolder_error(f"`{folder}`", choices)
 
         def resolve(filename: str) -> str:
             if is_dir:
@@ -473,7 +508,7 @@ class SparseAutoencoder(
             except LocalEntryNotFoundError as err:
                 if filename != CONFIG_NAME:
                     raise
-                raise SAELoadError(
+                raise _NotCached(
                     f"No SAE at `{source}`: there is no such local folder, and the Hub repo `{source}` is not in the "
                     "local cache and cannot be downloaded (offline?). Check the path, or go online once to download it."
                 ) from err
@@ -483,13 +518,32 @@ class SparseAutoencoder(
                 raise SAELoadError(f"Could not download the SAE `{source}` from the Hub ({type(err).__name__}: {err}). "
                                    "Check the network and the repo id.") from err
 
+        not_cached: _NotCached | None = None
         try:
             config_path = resolve(CONFIG_NAME)
+        except _NotCached as err:  # offline: a cached SAELens or sparsify repo has no config.json, try those next
+            config_path, not_cached = None, err
         except (FileNotFoundError, EntryNotFoundError) as err:
-            raise SAELoadError(
-                f"No {CONFIG_NAME} for an SAE at `{source}`{f' (subfolder {subfolder})' if subfolder else ''}. "
-                "Pass the directory written by `SparseAutoencoder.save_pretrained`."
-            ) from err
+            if is_dir:
+                raise SAELoadError(
+                    f"No {CONFIG_NAME} for an SAE at `{source}`{f' (subfolder {subfolder})' if subfolder else ''}. "
+                    "Pass the directory written by `SparseAutoencoder.save_pretrained`, or an SAELens or sparsify "
+                    "SAE folder (cfg.json)."
+                ) from err
+            config_path = None
+        if not is_dir and not _is_own_config(config_path):
+            # No saeft-hf config (or a sparsify run's config.json): an SAELens or sparsify repo, or none at all.
+            try:
+                root, sub = sae_formats.hub_snapshot(
+                    source, subfolder, revision=revision, token=token, cache_dir=cache_dir,
+                    local_files_only=local_files_only, force_download=force_download,
+                )
+            except (HfHubHTTPError, OSError) as err:
+                if not_cached is not None:
+                    raise not_cached from err
+                raise SAELoadError(f"Could not download the SAE `{source}` from the Hub ({type(err).__name__}: "
+                                   f"{err}). Check the network and the repo id.") from err
+            return cls._from_foreign(root / sub, default_representation, map_location)
         try:
             with open(config_path, encoding="utf-8") as fh:
                 raw = json.load(fh)
@@ -511,11 +565,25 @@ class SparseAutoencoder(
             )
             raise SAELoadError(f"No {WEIGHTS_NAME} for the SAE at `{source}`.{hint}") from err
 
-        sae = cls(config)
         try:
             state = load_file(weights_path, device=str(map_location))
         except Exception as err:  # safetensors raises its own error types for truncated files
             raise SAELoadError(f"Could not read SAE weights {weights_path}: {err}. The file is corrupted.") from err
+        return cls._from_state(config, state, weights_path, source, map_location)
+
+    @classmethod
+    def _from_foreign(cls, folder: Path, default_representation: str | None,
+                      map_location: str | torch.device) -> SparseAutoencoder:
+        from .sae_formats import read_foreign
+
+        config, state, kind = read_foreign(folder, default_representation=default_representation)
+        return cls._from_state(config, state, folder, f"{folder} ({kind})", map_location)
+
+    @classmethod
+    def _from_state(cls, config: SAEConfig, state: dict[str, torch.Tensor], weights_path: str | Path, source: str,
+                    map_location: str | torch.device) -> SparseAutoencoder:
+        """The SAE of `config` with the tensors `state`, refused unless keys, shapes and values are all sound."""
+        sae = cls(config)
         expected = sae.state_dict()
         missing, unexpected = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
         bad_shapes = [
@@ -532,7 +600,7 @@ class SparseAutoencoder(
             sae.check_weights()
         except SAELoadError as err:
             raise SAELoadError(f"The SAE at `{source}` is unusable: {err}") from err
-        return sae.to(map_location)
+        return sae.to(map_location).eval()  # like transformers: BatchTopK then encodes with its inference threshold
 
 
 def _keep_topk(pre: torch.Tensor, k: int) -> torch.Tensor:
@@ -626,6 +694,18 @@ class _TopKDecode(torch.autograd.Function):
             else:
                 grad_w = codes.T @ grad
         return grad_values, None, None, grad_w
+
+
+def _is_own_config(path: str | Path | None) -> bool:
+    """Whether `path` is a saeft-hf SAE config.json (not absent, nor e.g. a sparsify run's config.json)."""
+    if path is None or not os.path.isfile(path):
+        return False
+    try:
+        with open(path, encoding="utf-8") as fh:
+            data = json.load(fh)
+    except (OSError, ValueError):
+        return True  # ours but corrupted: the strict loader reports it
+    return not isinstance(data, dict) or "d_sae" in data or "sae" not in data
 
 
 def _same_model(a: str, b: str) -> bool:

@@ -111,8 +111,10 @@ def load_sae_set(path: str | os.PathLike[str], specs: Sequence[str], **hub_kwarg
     """
     specs, source = list(specs), str(path)
     found = saved_sae_specs(source)
-    if found is None and len(specs) == 1:
-        return {specs[0]: SparseAutoencoder.from_pretrained(source, **hub_kwargs)}
+    if not found and len(specs) == 1:
+        # A plain SAE folder or repo (ours, SAELens or sparsify); a foreign SAE names no representation of ours, so
+        # it is taken to read the run's.
+        return {specs[0]: SparseAutoencoder.from_pretrained(source, default_representation=specs[0], **hub_kwargs)}
     if os.path.isdir(source):
         if found is None:
             recorded = SparseAutoencoder.from_pretrained(source).config.representation
@@ -128,7 +130,7 @@ def load_sae_set(path: str | os.PathLike[str], specs: Sequence[str], **hub_kwarg
     saes: SAESet = {}
     for spec in specs:
         try:
-            sae = SparseAutoencoder.from_pretrained(source, subfolder=spec, **hub_kwargs)
+            sae = SparseAutoencoder.from_pretrained(source, subfolder=spec, default_representation=spec, **hub_kwargs)
         except SAELoadError as err:
             raise SAELoadError(f"No usable SAE for `{spec}` in {source}/{spec}: {err}") from err
         if sae.config.representation != spec:
