@@ -48,44 +48,79 @@ written without charts.
 The package keeps the analysis apart from the rendering: `analysis` (codes, statistics; no plotting, no HTML),
 `text` (CLIP text prompts closest to a feature), `report` (images, charts, the HTML file) and `runs`
 (`interpret_runs`, end to end). Everything public is re-exported here.
+
+Feature pages (as saev and Neuronpedia show SAE features): `select_features` picks the features to show,
+`profile_features` measures each under every model (frequency, mean and max activation, activation histogram on
+shared bins, top-activating images), `describe_profiles` adds the closest prompts, and for SAEs on
+`hidden_states.{i}.{cls|mean}` `patch_activations` maps a feature's encoder pre-activation over the patch tokens
+(the report overlays it on the top images).
 """
 
 from .analysis import (
     CHANGES_FILENAME,
     DIRECTIONS,
+    PRETRAINED_NAME,
+    PROFILES_FILENAME,
     RANK_BY,
     REPORT_FILENAME,
     ClassChange,
     FeatureChange,
     FeatureChangeReport,
+    FeatureProfile,
     compare_codes,
     compute_feature_changes,
     fraction_of_variance_unexplained,
     linear_cka,
     load_model_for_interpretation,
+    load_profiles,
+    patch_activations,
+    profile_features,
     sae_inputs,
+    save_profiles,
+    select_features,
 )
-from .report import feature_grid, feature_image_strip, plot_class_changes, plot_feature_counts, write_report
+from .report import (
+    activation_histogram,
+    captioned_strip,
+    feature_grid,
+    feature_image_strip,
+    heatmap_overlay,
+    plot_class_changes,
+    plot_feature_counts,
+    plot_feature_density,
+    write_report,
+)
 from .runs import interpret_runs
-from .text import TextVocabulary, build_text_vocabulary, describe_with_text
+from .text import TextVocabulary, build_text_vocabulary, describe_profiles, describe_with_text
 
 __all__ = [
     "ClassChange",
     "FeatureChange",
     "FeatureChangeReport",
+    "FeatureProfile",
     "TextVocabulary",
+    "activation_histogram",
     "build_text_vocabulary",
+    "captioned_strip",
     "compare_codes",
     "compute_feature_changes",
+    "describe_profiles",
     "describe_with_text",
     "feature_grid",
     "feature_image_strip",
     "fraction_of_variance_unexplained",
+    "heatmap_overlay",
     "interpret_runs",
     "linear_cka",
     "load_model_for_interpretation",
+    "load_profiles",
+    "patch_activations",
     "plot_class_changes",
     "plot_feature_counts",
+    "plot_feature_density",
+    "profile_features",
     "sae_inputs",
+    "save_profiles",
+    "select_features",
     "write_report",
 ]

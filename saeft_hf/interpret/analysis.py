@@ -662,3 +662,235 @@ def compute_feature_changes(
     return report
 
 
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Feature pages: one feature seen through every model (what saev / Neuronpedia show per feature)
+# ----------------------------------------------------------------------------------------------------------------
+
+PRETRAINED_NAME = "pre-trained"
+PROFILES_FILENAME = "feature_profiles.json"
+
+
+@dataclass
+class FeatureProfile:
+    """One SAE feature under the pre-trained model and every fine-tuned model, for its feature page.
+
+    Every per-model field is a dict keyed by model name (`PRETRAINED_NAME` for the pre-trained model, then the
+    fine-tuned models' names, in `models` order). "Active" means a non-zero code, as in `compare_codes`, so
+    `frequency[PRETRAINED_NAME] == report.frequency_before[feature]` and `frequency[name] ==
+    reports[name].frequency_after[feature]` exactly.
+
+    Attributes:
+        feature: latent index.
+        models: model names, pre-trained first.
+        roles: why the feature has a page: [{"model", "direction" ("added" / "removed" / "frequency"), "count",
+            "rank"}] (count = images added / removed on, or the signed change in active images for "frequency").
+        sign: +1 or -1, the sign of the feature's typical code (signed TopK SAEs can fire negatively; its direction
+            in input space is then `-W_dec[feature]`).
+        frequency / mean_activation: fraction of images where it is active / mean signed code over those images.
+        max_activation: the largest |code| (0 if never active).
+        top_indices / top_activations: dataset rows with the largest |code| under that model, and their signed codes.
+        histogram_edges: [bins + 1] edges shared by every model (signed codes, active images only), so the
+            histograms of one feature compare bin for bin.
+        histogram_counts: [bins] active images per bin.
+        text: best-aligned prompts (filled by `saeft_hf.interpret.text.describe_profiles`).
+    """
+
+    feature: int
+    models: list[str]
+    roles: list[dict[str, Any]]
+    sign: float
+    frequency: dict[str, float]
+    mean_activation: dict[str, float]
+    max_activation: dict[str, float]
+    top_indices: dict[str, list[int]]
+    top_activations: dict[str, list[float]]
+    histogram_edges: list[float]
+    histogram_counts: dict[str, list[int]]
+    text: list[dict[str, Any]] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> FeatureProfile:
+        return cls(**data)
+
+    def remap_indices(self, rows: Sequence[int]) -> None:
+        """Replace image positions p by `rows[p]` (see `FeatureChangeReport.remap_indices`), in place."""
+        self.top_indices = {m: [int(rows[i]) for i in idx] for m, idx in self.top_indices.items()}
+
+
+def select_features(reports: Mapping[str, FeatureChangeReport], *, per_direction: int = 12,
+                    by_frequency: int = 4) -> list[tuple[int, list[dict[str, Any]]]]:
+    """The features that get a page, in page order, each with its roles (see `FeatureProfile.roles`).
+
+    Per model: its `per_direction` most added and most removed features (the report's ranking), then its
+    `by_frequency` features whose number of active images changed most (|after - before|, ties to the lower index)
+    among those not yet listed. A feature listed by several models or directions gets one page with every role.
+    """
+    order: dict[int, list[dict[str, Any]]] = {}
+    for name, report in reports.items():
+        for direction in DIRECTIONS:
+            for rank, change in enumerate(report.top(direction)[:per_direction]):
+                order.setdefault(change.feature, []).append(
+                    {"model": name, "direction": direction, "count": change.count, "rank": rank + 1})
+        if by_frequency > 0:
+            delta = (np.asarray(report.frequency_after) - np.asarray(report.frequency_before)) * report.n_images
+            delta = np.rint(delta).astype(np.int64)
+            candidates = [j for j in np.lexsort((np.arange(delta.size), -np.abs(delta))).tolist()
+                          if delta[j] != 0 and j not in order][:by_frequency]
+            for rank, j in enumerate(candidates):
+                order[j] = [{"model": name, "direction": "frequency", "count": int(delta[j]), "rank": rank + 1}]
+    return list(order.items())
+
+
+@torch.no_grad()
+def profile_features(
+    sae: SparseAutoencoder,
+    embeddings: Mapping[str, torch.Tensor],
+    features: Sequence[int] | Sequence[tuple[int, list[dict[str, Any]]]],
+    *,
+    normalize: bool | None = None,
+    top_images: int = 8,
+    bins: int = 24,
+    chunk_size: int = 4096,
+) -> list[FeatureProfile]:
+    """Per-feature statistics under each model: what a feature page shows (pure function of embeddings).
+
+    Args:
+        embeddings: {model name: [N, d] embeddings}, the pre-trained model first (its name is used as given;
+            `interpret_runs` uses `PRETRAINED_NAME`), all on the same images in the same order.
+        features: feature indices, or `select_features` output (indices with their roles).
+        normalize: the input regime, as in `compare_codes`.
+        top_images: top-activating rows kept per model.
+        bins: histogram bins (edges shared across models for one feature).
+    """
+    if not embeddings:
+        raise ValueError("profile_features needs the embeddings of at least one model.")
+    items = [(f, []) if isinstance(f, (int, np.integer)) else (int(f[0]), list(f[1])) for f in features]
+    ids = [int(j) for j, _ in items]
+    d_sae = sae.config.d_sae
+    if any(not 0 <= j < d_sae for j in ids):
+        raise ValueError(f"Feature indices must be in [0, {d_sae}); got {ids}.")
+    shapes = {name: tuple(z.shape) for name, z in embeddings.items()}
+    if len(set(shapes.values())) != 1:
+        raise ValueError(f"Every model's embeddings must have the same shape [N, d]; got {shapes}.")
+    if bins < 1 or top_images < 0:
+        raise ValueError("bins must be >= 1 and top_images >= 0.")
+    was_training = sae.training
+    sae.eval()
+    device = sae.W_enc.device
+    index = torch.tensor(ids, dtype=torch.long, device=device)
+    columns: dict[str, torch.Tensor] = {}  # [N, m] codes of the selected features only
+    for name, z in embeddings.items():
+        sae.check_compatible(d_in=z.shape[1])
+        x = sae_inputs(sae, z.float(), normalize)
+        parts = [sae.encode(x[s:s + chunk_size].to(device)).index_select(1, index).float().cpu()
+                 for s in range(0, x.shape[0], chunk_size)]
+        columns[name] = torch.cat(parts) if parts else torch.zeros(0, len(ids))
+    sae.train(was_training)
+
+    n = next(iter(shapes.values()))[0]
+    profiles: list[FeatureProfile] = []
+    for col, (j, roles) in enumerate(items):
+        values = {name: codes[:, col] for name, codes in columns.items()}
+        active = {name: v[v != 0] for name, v in values.items()}
+        pooled = torch.cat(list(active.values()))
+        low, high = (float(pooled.min()), float(pooled.max())) if pooled.numel() else (0.0, 1.0)
+        if high <= low:  # one distinct value: a unit-wide bin around it
+            low, high = low - 0.5, high + 0.5
+        edges = torch.linspace(low, high, bins + 1, dtype=torch.float64)
+        first_active = next((a for a in active.values() if a.numel()), torch.ones(1))
+        sign = -1.0 if float(first_active.double().mean()) < 0 else 1.0
+        top_idx: dict[str, list[int]] = {}
+        top_val: dict[str, list[float]] = {}
+        for name, v in values.items():
+            keep = min(top_images, int((v != 0).sum()))
+            order = v.abs().topk(keep).indices if keep else torch.zeros(0, dtype=torch.long)
+            top_idx[name] = [int(i) for i in order]
+            top_val[name] = [float(v[i]) for i in order]
+        profiles.append(FeatureProfile(
+            feature=j, models=list(embeddings), roles=roles, sign=sign,
+            frequency={name: int(a.numel()) / n for name, a in active.items()},
+            mean_activation={name: float(a.double().mean()) if a.numel() else 0.0 for name, a in active.items()},
+            max_activation={name: float(a.abs().max()) if a.numel() else 0.0 for name, a in active.items()},
+            top_indices=top_idx, top_activations=top_val, histogram_edges=edges.tolist(),
+            histogram_counts={name: torch.histc(a.double(), bins=bins, min=low, max=high).long().tolist()
+                              if a.numel() else [0] * bins for name, a in active.items()},
+        ))
+    return profiles
+
+
+def save_profiles(profiles: Sequence[FeatureProfile], path: str | Path) -> Path:
+    """Write the profiles as a JSON list (atomically). Returns the path."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps([p.to_dict() for p in profiles], indent=1, allow_nan=False), encoding="utf-8")
+    os.replace(tmp, path)
+    return path
+
+
+def load_profiles(path: str | Path) -> list[FeatureProfile]:
+    return [FeatureProfile.from_dict(item) for item in json.loads(Path(path).read_text(encoding="utf-8"))]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Patch heatmaps (SAEs on hidden states)
+# ----------------------------------------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def patch_activations(
+    model: nn.Module,
+    sae: SparseAutoencoder,
+    pixel_values: torch.Tensor,
+    features: Sequence[int],
+    *,
+    normalize: bool | None = None,
+    batch_size: int = 64,
+) -> torch.Tensor:
+    """The features' SAE pre-activations on every patch token: [B, C, H, W] -> [B, m, grid_h, grid_w].
+
+    For an SAE on `hidden_states.{i}.{cls|mean}`, each patch token of hidden state i (the CLS token excluded) goes
+    through the SAE's encoder as if it were the pooled vector: ``sae.pre_activations(sae_inputs(sae, h_p))``. The
+    pre-activation (before TopK / ReLU) is what is mapped, because a sparsifying activation applied to one patch
+    would blank most of the map. For `.mean` pooling with raw inputs (`input_normalization="none"`, or
+    `normalize=False`) the map averages exactly to the pooled image's pre-activation (the encoder is affine).
+
+    Raises:
+        ValueError: the SAE is not on a `hidden_states.*` representation, or the patches do not form a square grid.
+    """
+    from transformers import CLIPModel
+
+    from ..modeling import parse_representation
+
+    kind, layer, _ = parse_representation(sae.config.representation)
+    if kind != "hidden_states":
+        raise ValueError(f"Patch heatmaps need an SAE on `hidden_states.{{i}}.{{cls|mean}}`; this one is on "
+                         f"`{sae.config.representation}`, which has no per-patch vectors.")
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    if not isinstance(base, (SAEFTCLIPForImageClassification, CLIPModel)):
+        raise TypeError(f"patch_activations needs a CLIP vision model, got {type(base).__name__}.")
+    was_training = (model.training, sae.training)
+    model.eval()
+    sae.eval()
+    device = sae.W_enc.device
+    model_device = next(base.parameters()).device
+    index = torch.tensor(list(features), dtype=torch.long, device=device)
+    maps = []
+    for start in range(0, pixel_values.shape[0], batch_size):
+        pixels = pixel_values[start:start + batch_size].to(model_device)
+        hidden = base.vision_model(pixel_values=pixels, output_hidden_states=True).hidden_states[layer][:, 1:]
+        b, p, d = hidden.shape
+        side = math.isqrt(p)
+        if side * side != p:
+            raise ValueError(f"{p} patch tokens do not form a square grid; cannot draw a heatmap.")
+        x = sae_inputs(sae, hidden.reshape(b * p, d).float().to(device), normalize)
+        pre = sae.pre_activations(x).index_select(1, index)  # [b * p, m]
+        maps.append(pre.reshape(b, side, side, -1).permute(0, 3, 1, 2).float().cpu())
+    model.train(was_training[0])
+    sae.train(was_training[1])
+    return torch.cat(maps) if maps else torch.zeros(0, len(index), 0, 0)

@@ -6,19 +6,21 @@ import base64
 import html
 import io
 import logging
+import math
 import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import datasets
+import numpy as np
 import PIL.Image
 import PIL.ImageDraw
 import PIL.ImageFont
 import PIL.ImageOps
 
 from ..data import decode_image
-from .analysis import DIRECTIONS, FeatureChange, FeatureChangeReport
+from .analysis import DIRECTIONS, PRETRAINED_NAME, FeatureChange, FeatureChangeReport, FeatureProfile
 
 logger = logging.getLogger(__name__)
 
@@ -189,6 +191,125 @@ def plot_class_changes(reports: Mapping[str, FeatureChangeReport]) -> bytes | No
 
 
 # ----------------------------------------------------------------------------------------------------------------
+# Feature pages: histograms, captioned strips, patch heatmaps (PIL only: fast, no matplotlib needed)
+# ----------------------------------------------------------------------------------------------------------------
+
+#: Colours of the models on a feature page: the pre-trained model first, then the fine-tuned ones in order.
+MODEL_COLORS: tuple[str, ...] = ("#6c757d", "#2a9d8f", "#e76f51", "#7b5ea7", "#e9c46a", "#264653")
+
+
+def _model_colors(models: Sequence[str]) -> dict[str, str]:
+    return {m: MODEL_COLORS[i % len(MODEL_COLORS)] for i, m in enumerate(models)}
+
+
+def activation_histogram(profile: FeatureProfile, *, width: int = 320, height: int = 120) -> PIL.Image.Image:
+    """The feature's activation histogram under every model, overlaid as coloured step outlines on shared bins.
+
+    x: the signed code on images where the feature is active (`profile.histogram_edges`); y: images per bin,
+    square-root scaled so a rare model's bins stay visible next to a frequent one's. Colours: `MODEL_COLORS`.
+    """
+    colors = _model_colors(profile.models)
+    left, right, top, bottom = 34, 8, 6, 20
+    canvas = PIL.Image.new("RGB", (width, height), "white")
+    draw = PIL.ImageDraw.Draw(canvas)
+    plot_w, plot_h = width - left - right, height - top - bottom
+    draw.rectangle((left, top, left + plot_w, top + plot_h), outline=(190, 190, 190))
+    peak = max([max(c) for c in profile.histogram_counts.values() if c] + [1])
+    bins = len(profile.histogram_edges) - 1
+    for model in profile.models:
+        counts = profile.histogram_counts.get(model) or [0] * bins
+        if not any(counts):
+            continue
+        points = []
+        for b, count in enumerate(counts):
+            y = top + plot_h - plot_h * math.sqrt(count / peak)
+            x0, x1 = left + plot_w * b / bins, left + plot_w * (b + 1) / bins
+            points += [(x0, y), (x1, y)]
+        points = [(left, top + plot_h), *points, (left + plot_w, top + plot_h)]
+        draw.line(points, fill=colors[model], width=2)
+    font = _font(10)
+    low, high = profile.histogram_edges[0], profile.histogram_edges[-1]
+    draw.text((left, top + plot_h + 4), f"{low:.3g}", fill="black", font=font)
+    label = f"{high:.3g}"
+    draw.text((left + plot_w - 6 * len(label), top + plot_h + 4), label, fill="black", font=font)
+    draw.text((left + plot_w // 2 - 30, top + plot_h + 4), "activation", fill=(90, 90, 90), font=font)
+    draw.text((2, top), str(peak), fill="black", font=font)
+    draw.text((2, top + plot_h - 10), "0", fill="black", font=font)
+    return canvas
+
+
+def heatmap_overlay(image: Any, grid: np.ndarray, *, vmax: float, size: int = 72) -> PIL.Image.Image:
+    """`image` (centre-cropped square thumbnail, the crop the model sees) with `grid` [gh, gw] overlaid.
+
+    Values <= 0 are transparent; values up to `vmax` go from translucent red to opaque yellow. The image is shown
+    in grey underneath so the colours read as the feature, not the picture.
+    """
+    base = PIL.ImageOps.grayscale(_thumbnail(image, size)).convert("RGB")
+    level = np.clip(np.asarray(grid, dtype=np.float32) / max(vmax, 1e-12), 0.0, 1.0)
+    # Bilinear upsampling of the patch grid: smooth, and each patch's value is exact at its centre.
+    level = np.asarray(PIL.Image.fromarray(level, mode="F").resize((size, size), PIL.Image.Resampling.BILINEAR))
+    level = np.clip(level, 0.0, 1.0)
+    color = np.stack([np.full_like(level, 255.0), 255.0 * level, np.zeros_like(level)], axis=-1)
+    alpha = (0.75 * np.sqrt(level))[..., None]
+    mixed = (1.0 - alpha) * np.asarray(base, dtype=np.float32) + alpha * color
+    return PIL.Image.fromarray(mixed.round().astype(np.uint8), "RGB")
+
+
+def captioned_strip(dataset: datasets.Dataset, indices: Sequence[int], captions: Sequence[str], *, size: int = 56,
+                    slots: int | None = None, maps: np.ndarray | None = None,
+                    vmax: float | None = None) -> PIL.Image.Image:
+    """Like `feature_image_strip`, with a caption (e.g. the activation) under each image, and optionally the
+    patch heatmaps `maps` [n, gh, gw] overlaid (`heatmap_overlay`, shared `vmax`)."""
+    pad, caption_h = 3, 13
+    slots = max(slots or len(indices), 1)
+    strip = PIL.Image.new("RGB", (slots * (size + pad) - pad, size + caption_h), "white")
+    draw = PIL.ImageDraw.Draw(strip)
+    font = _font(10)
+    for pos, index in enumerate(list(indices)[:slots]):
+        image = dataset[int(index)]["image"]
+        if maps is not None and pos < len(maps):
+            tile = heatmap_overlay(image, maps[pos], vmax=vmax or float(np.max(maps)) or 1.0, size=size)
+        else:
+            tile = _thumbnail(image, size)
+        strip.paste(tile, (pos * (size + pad), 0))
+        if pos < len(captions):
+            draw.text((pos * (size + pad) + 1, size + 1), captions[pos], fill=(60, 60, 60), font=font)
+    for pos in range(len(indices), slots):
+        draw.rectangle((pos * (size + pad), 0, pos * (size + pad) + size - 1, size - 1), fill=(235, 235, 235))
+    return strip
+
+
+def plot_feature_density(reports: Mapping[str, FeatureChangeReport], *, bins: int = 30) -> bytes | None:
+    """Histogram PNG of log10(firing frequency) across all features: pre-trained vs every fine-tuned model.
+
+    The standard SAE density plot (SAELens, saev): how many features fire on which fraction of images. Features
+    that never fire are counted in the legend (log10 of 0 has no bin). None without matplotlib or reports.
+    """
+    if not reports:
+        return None
+    plt = _pyplot()
+    if plt is None:
+        return None
+    first = next(iter(reports.values()))
+    series = {PRETRAINED_NAME: np.asarray(first.frequency_before)}
+    series.update({name: np.asarray(r.frequency_after) for name, r in reports.items()})
+    floor = 1.0 / max(first.n_images, 1)
+    edges = np.linspace(math.log10(floor), 0.0, bins + 1)
+    colors = _model_colors(list(series))
+    fig, ax = plt.subplots(figsize=(6.4, 3.0))
+    for name, freq in series.items():
+        alive = freq[freq > 0]
+        ax.hist(np.log10(alive), bins=edges, histtype="step", linewidth=1.6, color=colors[name],
+                label=f"{name} ({int((freq == 0).sum())} never fire)")
+    ax.set_xlabel("log10(fraction of images where the feature is active)", fontsize=8)
+    ax.set_ylabel("features", fontsize=8)
+    ax.set_title("Feature density", fontsize=9)
+    ax.tick_params(labelsize=7)
+    ax.legend(fontsize=7)
+    return _figure_png(fig, plt)
+
+
+# ----------------------------------------------------------------------------------------------------------------
 # The HTML report
 # ----------------------------------------------------------------------------------------------------------------
 
@@ -200,6 +321,12 @@ td.num{text-align:right;font-variant-numeric:tabular-nums} .models{display:flex;
 .model{flex:1;min-width:0} .feat{border:1px solid #e3e3e3;border-radius:6px;padding:8px;margin:8px 0}
 .feat h4{margin:0 0 4px 0} .muted{color:#666;font-size:12px} img{image-rendering:pixelated;max-width:100%}
 .strip{margin:3px 0} .tag{display:inline-block;background:#eef;border-radius:3px;padding:0 4px;margin:1px;font-size:12px}
+nav{position:sticky;top:0;background:#fff;border-bottom:1px solid #ddd;padding:6px 0;z-index:1;font-size:13px}
+nav a{margin-right:14px} a{color:#1d5fa7;text-decoration:none} a:hover{text-decoration:underline}
+.page{border:1px solid #d5d5d5;border-radius:8px;padding:10px 14px;margin:14px 0;scroll-margin-top:40px}
+.page h3{margin:0 0 6px 0} .cols{display:flex;flex-wrap:wrap;gap:18px;align-items:flex-start}
+.col{min-width:0} .sw{display:inline-block;width:10px;height:10px;border-radius:2px;margin-right:4px}
+.added{background:#dff3ee} .removed{background:#fbe4dc} .frequency{background:#eee8f6}
 """
 
 _SUMMARY_ROWS: tuple[tuple[str, str, str], ...] = (
@@ -233,9 +360,10 @@ def _img_tag(data: PIL.Image.Image | bytes, alt: str) -> str:
 
 
 def _feature_html(change: FeatureChange, report: FeatureChangeReport, dataset: datasets.Dataset | None,
-                  size: int) -> str:
+                  size: int, *, linked: bool = False) -> str:
     verb = change.direction
-    parts = [f'<div class="feat"><h4>feature #{change.feature}</h4>',
+    page = f' <a class="muted" href="#feature-{change.feature}">feature page &rarr;</a>' if linked else ""
+    parts = [f'<div class="feat"><h4>feature #{change.feature}{page}</h4>',
              f'<div>{verb} on <b>{change.count}</b> images ({change.image_fraction:.1%}); mean |activation| '
              f'{change.mean_abs_activation:.3g}; mass {change.mass:.3g}</div>',
              f'<div class="muted">active before on {change.frequency_before:.1%} of images '
@@ -262,6 +390,88 @@ def _feature_html(change: FeatureChange, report: FeatureChangeReport, dataset: d
     return "".join(parts)
 
 
+def _role_tag(role: Mapping[str, Any]) -> str:
+    kind = role["direction"]
+    what = {"added": f"added on {role['count']}", "removed": f"removed on {role['count']}",
+            "frequency": f"active on {abs(role['count'])} {'more' if role['count'] > 0 else 'fewer'} images"}[kind]
+    return f'<span class="tag {kind}">{_esc(role["model"])}: {what} (#{role["rank"]})</span>'
+
+
+def _swatch(color: str) -> str:
+    return f'<span class="sw" style="background:{color}"></span>'
+
+
+def _index_html(profiles: Sequence[FeatureProfile]) -> str:
+    models = profiles[0].models
+    head = "".join(f"<th>{_esc(m)}</th>" for m in models)
+    out = ['<h2 id="index">Feature index</h2><p class="muted">One page per feature below. Frequency = fraction of '
+           "images where the feature is active; mean = mean signed activation over those images.</p>",
+           f'<table><tr><th rowspan="2">feature</th><th rowspan="2">why listed</th><th colspan="{len(models)}">'
+           f'frequency</th><th colspan="{len(models)}">mean activation</th><th rowspan="2">closest prompt</th></tr>'
+           f"<tr>{head}{head}</tr>"]
+    for p in profiles:
+        freq = "".join(f'<td class="num">{p.frequency[m]:.1%}</td>' for m in models)
+        mean = "".join(f'<td class="num">{p.mean_activation[m]:.3g}</td>' for m in models)
+        prompt = _esc(p.text[0]["prompt"]) if p.text else ""
+        out.append(f'<tr><td><a href="#feature-{p.feature}">#{p.feature}</a></td>'
+                   f'<td>{"".join(_role_tag(r) for r in p.roles)}</td>{freq}{mean}<td>{prompt}</td></tr>')
+    out.append("</table>")
+    return "".join(out)
+
+
+def _profile_html(p: FeatureProfile, reports: Mapping[str, FeatureChangeReport], dataset: datasets.Dataset | None,
+                  patch_maps: Mapping[int, Mapping[str, np.ndarray]] | None, size: int, text_note: str) -> str:
+    colors = _model_colors(p.models)
+    out = [f'<div class="page" id="feature-{p.feature}"><h3>Feature #{p.feature} '
+           f'<a class="muted" href="#index">&uarr; index</a></h3>',
+           f'<div>{"".join(_role_tag(r) for r in p.roles)}</div><div class="cols"><div class="col">',
+           "<table><tr><th>model</th><th>frequency</th><th>mean activation</th><th>max |activation|</th>"
+           "<th>added on</th><th>removed on</th></tr>"]
+    for m in p.models:
+        report = reports.get(m)
+        added = f"{report.added_count[p.feature]}" if report else "-"
+        removed = f"{report.removed_count[p.feature]}" if report else "-"
+        out.append(f"<tr><td>{_swatch(colors[m])}{_esc(m)}</td><td class='num'>{p.frequency[m]:.2%}</td>"
+                   f"<td class='num'>{p.mean_activation[m]:.3g}</td><td class='num'>{p.max_activation[m]:.3g}</td>"
+                   f"<td class='num'>{added}</td><td class='num'>{removed}</td></tr>")
+    out.append("</table>")
+    if p.text:
+        tags = "".join(f'<span class="tag">{_esc(t["prompt"])} ({t["cosine"]:.2f})</span>' for t in p.text)
+        out.append(f'<div class="prompts">closest prompts (cosine with the decoder atom): {tags}</div>')
+    else:
+        out.append(f'<div class="prompts muted">closest prompts: {_esc(text_note)}</div>')
+    out.append('</div><div class="col"><div class="muted">activation histogram (active images; sqrt scale)</div>'
+               f'{_img_tag(activation_histogram(p), f"feature {p.feature} activation histogram")}</div></div>')
+    if dataset is not None:
+        maps = (patch_maps or {}).get(p.feature)
+        vmax = max([float(np.max(v)) for v in maps.values() if np.size(v)] + [0.0]) if maps else 0.0
+        out.append('<div class="cols">')
+        for m in p.models:
+            rows = p.top_indices.get(m, [])
+            captions = [f"{v:.3g}" for v in p.top_activations.get(m, [])]
+            slots = max(len(v) for v in p.top_indices.values()) or 1
+            body = (_img_tag(captioned_strip(dataset, rows, captions, size=size, slots=slots),
+                             f"feature {p.feature} top images {m}") if rows else "<div class='muted'>never active</div>")
+            heat = ""
+            if maps is not None and rows and m in maps:
+                heat = ('<div class="muted">patch heatmap (encoder pre-activation per patch)</div>'
+                        + _img_tag(captioned_strip(dataset, rows, captions, size=size, slots=slots,
+                                                   maps=maps[m], vmax=vmax or 1.0), f"feature {p.feature} heatmaps {m}"))
+            out.append(f'<div class="col topimgs" data-model="{_esc(m)}"><div>{_swatch(colors[m])}<b>{_esc(m)}</b>: '
+                       f"top-activating images</div>{body}{heat}</div>")
+        out.append("</div>")
+        for name, report in reports.items():
+            for direction in DIRECTIONS:
+                change = next((c for c in report.top(direction) if c.feature == p.feature), None)
+                if change is not None and change.example_indices:
+                    captions = [f"{v:.3g}" for v in change.example_activations]
+                    strip = captioned_strip(dataset, change.example_indices, captions, size=size)
+                    out.append(f'<div class="strip"><div class="muted">{_esc(name)}: images where it was {direction} '
+                               f"(|activation|)</div>{_img_tag(strip, f'feature {p.feature} {direction} {name}')}</div>")
+    out.append("</div>")
+    return "".join(out)
+
+
 def write_report(
     reports: Mapping[str, FeatureChangeReport],
     path: str | Path,
@@ -271,6 +481,9 @@ def write_report(
     description: str | None = None,
     max_features: int = 12,
     image_size: int = 48,
+    profiles: Sequence[FeatureProfile] | None = None,
+    patch_maps: Mapping[int, Mapping[str, np.ndarray]] | None = None,
+    text_note: str = "none (no text model given)",
 ) -> Path:
     """Write ONE self-contained HTML file (charts and images embedded as base64 PNG) comparing `reports`.
 
@@ -281,6 +494,12 @@ def write_report(
         dataset: the raw dataset (`image` column) the reports' indices refer to; without it, no image strips.
         description: a free-text paragraph under the title (e.g. the models' paths and the split).
         max_features: features shown per model and direction.
+        profiles: feature pages (`profile_features`): an index and, per feature, its frequency / mean activation
+            under every model, activation histogram, top-activating images under every model side by side, the
+            images where it was added / removed, and its closest prompts.
+        patch_maps: {feature: {model: [n, gh, gw]}} patch heatmaps aligned with `profile.top_indices[model]`
+            (`patch_activations`; SAEs on hidden states), overlaid on the top images.
+        text_note: what the pages say when a feature has no prompts (e.g. why there is no text).
     """
     if not reports:
         raise ValueError("write_report needs at least one report.")
@@ -288,6 +507,13 @@ def write_report(
     first = reports[names[0]]
     out = ['<!DOCTYPE html><html><head><meta charset="utf-8">', f"<title>{_esc(title)}</title>",
            f"<style>{_CSS}</style></head><body>", f"<h1>{_esc(title)}</h1>"]
+    nav = [("summary", "Summary"), ("density", "Feature density")]
+    if any(r.per_class for r in reports.values()):
+        nav.append(("per-class", "Per class"))
+    if profiles:
+        nav.append(("index", "Feature index"))
+    nav += [(f"most-{d}", f"Most {d}") for d in DIRECTIONS]
+    out.append("<nav>" + "".join(f'<a href="#{a}">{_esc(t)}</a>' for a, t in nav) + "</nav>")
     if description:
         out.append(f"<p>{_esc(description)}</p>")
     out.append(
@@ -297,7 +523,7 @@ def write_report(
         f"{_esc(first.rank_by)} (mass = images x mean |activation|). FVU = sum of squared reconstruction errors / "
         "sum of squared deviations from the mean; CKA is linear CKA on the raw embeddings.</p>")
 
-    out.append("<h2>Summary</h2><table><tr><th></th>" + "".join(f"<th>{_esc(n)}</th>" for n in names) + "</tr>")
+    out.append("<h2 id='summary'>Summary</h2><table><tr><th></th>" + "".join(f"<th>{_esc(n)}</th>" for n in names) + "</tr>")
     for key, label, spec in _SUMMARY_ROWS:
         cells = "".join(f'<td class="num">{_fmt(getattr(reports[n], key), spec)}</td>' for n in names)
         out.append(f"<tr><td>{_esc(label)}</td>{cells}</tr>")
@@ -310,8 +536,13 @@ def write_report(
             if png:
                 out.append(f"<div>{_img_tag(png, alt)}</div>")
 
+    density_png = plot_feature_density(reports)
+    if density_png:
+        out.append("<h2 id='density'>Feature density</h2><p class='muted'>How many features fire on which fraction "
+                   "of the images, before and after fine-tuning.</p>" + _img_tag(density_png, "feature density"))
+
     if any(r.per_class for r in reports.values()):
-        out.append("<h2>Per class</h2><table><tr><th>class</th><th>images</th>")
+        out.append("<h2 id='per-class'>Per class</h2><table><tr><th>class</th><th>images</th>")
         out.extend(f"<th>{_esc(n)}: added / removed per image</th><th>{_esc(n)}: top added</th>"
                    f"<th>{_esc(n)}: top removed</th>" for n in names)
         out.append("</tr>")
@@ -330,15 +561,21 @@ def write_report(
             out.append("<tr>" + "".join(cells) + "</tr>")
         out.append("</table>")
 
+    if profiles:
+        out.append(_index_html(profiles))
+        out.append("<h2>Feature pages</h2>")
+        out.extend(_profile_html(p, reports, dataset, patch_maps, image_size, text_note) for p in profiles)
+
+    paged = {p.feature for p in profiles or ()}
     for direction in DIRECTIONS:
-        out.append(f"<h2>Most {direction} features</h2><div class='models'>")
+        out.append(f"<h2 id='most-{direction}'>Most {direction} features</h2><div class='models'>")
         for n in names:
             report = reports[n]
             changes = report.top(direction)[:max_features]
             out.append(f"<div class='model'><h3>{_esc(n)}</h3>")
             if not changes:
                 out.append(f"<p>No feature was {direction}.</p>")
-            out.extend(_feature_html(c, report, dataset, image_size) for c in changes)
+            out.extend(_feature_html(c, report, dataset, image_size, linked=c.feature in paged) for c in changes)
             out.append("</div>")
         out.append("</div>")
     out.append("</body></html>")

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 
 from ..sae import SAEMismatchError, SparseAutoencoder
 from ..zeroshot import zeroshot_text_embeddings
-from .analysis import FeatureChangeReport
+from .analysis import FeatureChangeReport, FeatureProfile
 
 # ----------------------------------------------------------------------------------------------------------------
 # Text descriptions
@@ -89,6 +89,29 @@ def describe_with_text(
     Raises:
         ValueError / SAEMismatchError: the SAE is not on `image_embeds`, or the widths differ.
     """
+    text, atoms = _unit_text_and_atoms(sae, vocabulary, center)
+    for change in (*report.top_added, *report.top_removed):
+        sign = -1.0 if change.mean_signed_activation < 0 else 1.0
+        change.text = _best_prompts(text, atoms[change.feature], sign, vocabulary, top_prompts)
+
+
+def describe_profiles(
+    profiles: Sequence[FeatureProfile],
+    sae: SparseAutoencoder,
+    vocabulary: TextVocabulary,
+    *,
+    top_prompts: int = 3,
+    center: bool = False,
+) -> None:
+    """Fill `FeatureProfile.text` in place, scored as in `describe_with_text` (the atom signed by `profile.sign`)."""
+    text, atoms = _unit_text_and_atoms(sae, vocabulary, center)
+    for profile in profiles:
+        profile.text = _best_prompts(text, atoms[profile.feature], profile.sign, vocabulary, top_prompts)
+
+
+def _unit_text_and_atoms(sae: SparseAutoencoder, vocabulary: TextVocabulary,
+                         center: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Unit-norm prompt embeddings [P, d] (centred first if asked) and unit-norm decoder atoms [F, d]."""
     if sae.config.representation != "image_embeds":
         raise ValueError(
             f"Text alignment needs an SAE on `image_embeds` (CLIP's joint space); this one is on "
@@ -101,9 +124,12 @@ def describe_with_text(
         text = text - text.mean(0, keepdim=True)
     text = F.normalize(text, dim=-1)
     atoms = F.normalize(sae.W_dec.detach().float().cpu(), dim=-1)  # [F, d]
-    for change in (*report.top_added, *report.top_removed):
-        sign = -1.0 if change.mean_signed_activation < 0 else 1.0
-        cosines = sign * (text @ atoms[change.feature])
-        order = cosines.argsort(descending=True)[:top_prompts].tolist()
-        change.text = [{"prompt": vocabulary.prompts[i], "cosine": float(cosines[i]), "kind": vocabulary.kinds[i]}
-                       for i in order]
+    return text, atoms
+
+
+def _best_prompts(text: torch.Tensor, atom: torch.Tensor, sign: float, vocabulary: TextVocabulary,
+                  top_prompts: int) -> list[dict[str, Any]]:
+    cosines = sign * (text @ atom)
+    order = cosines.argsort(descending=True)[:top_prompts].tolist()
+    return [{"prompt": vocabulary.prompts[i], "cosine": float(cosines[i]), "kind": vocabulary.kinds[i]}
+            for i in order]
