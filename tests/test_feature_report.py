@@ -26,6 +26,7 @@ from saeft_hf.interpret import (
     FeatureChangeReport,
     compare_codes,
     interpret_runs,
+    load_model_for_interpretation,
     load_profiles,
     patch_activations,
     profile_features,
@@ -257,3 +258,18 @@ def test_patch_heatmaps_for_a_hidden_state_sae(tiny, tmp_path):
         assert not p.text and "not CLIP's joint image-text space" in \
             next(pages[f"feature-{p.feature}"].iter("div", "prompts")).all_text()
     assert decode_all_images(root) >= 3 * len(profiles)
+
+
+def test_saved_classifier_is_read_through_the_saes_representation(tiny, tmp_path):
+    """A model fine-tuned with an `image_embeds` penalty can be described by an SAE on a hidden state."""
+    _, clip, dataset, eval_tf = tiny
+    model = from_clip(str(clip), CLASSNAMES, TEMPLATES, progress=False).eval()
+    model.save_pretrained(tmp_path / "ft")
+    loaded = load_model_for_interpretation(str(tmp_path / "ft"), representation="hidden_states.1.cls")
+    assert loaded.config.representation == "hidden_states.1.cls"
+    pixels = eval_tf(dataset[0]["image"]).unsqueeze(0)
+    with torch.no_grad():
+        expected = model.vision_model(pixel_values=pixels, output_hidden_states=True).hidden_states[1][:, 0]
+        torch.testing.assert_close(loaded.get_representation(pixels), expected)
+    with pytest.raises(ValueError, match="Unknown representation"):
+        load_model_for_interpretation(str(tmp_path / "ft"), representation="hidden_states.last")

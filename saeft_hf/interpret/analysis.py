@@ -530,6 +530,10 @@ def load_model_for_interpretation(path: str, *, representation: str = "image_emb
       `saeft_hf.lora.load_classifier` (the head is irrelevant here but loads with it);
     - any CLIP checkpoint (`CLIPModel` weights): its vision tower and projection only (`num_labels=1`; no head,
       no text tower needed).
+
+    A classifier saved with another representation (e.g. fine-tuned with the penalty on `image_embeds`) is read
+    through the SAE's: the representation only chooses which tensor of the same forward is returned, so an SAE on
+    `hidden_states.{i}.{cls|mean}` can describe a model fine-tuned with an `image_embeds` penalty.
     """
     if os.path.isfile(os.path.join(path, "adapter_config.json")) or _config_model_type(path) == "saeft_clip":
         model = load_classifier(path, **hub_kwargs)
@@ -538,9 +542,12 @@ def load_model_for_interpretation(path: str, *, representation: str = "image_emb
             path, num_labels=1, source_model=path, representation=representation, **hub_kwargs)
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     if base.config.representation != representation:
-        raise SAEMismatchError(
-            f"{path} returns `{base.config.representation}` but the SAE was trained on `{representation}`: use an "
-            "SAE trained on this representation, or a model configured for the SAE's.")
+        from ..modeling import parse_representation
+
+        parse_representation(representation)  # a clear error for a malformed spec
+        logger.info("%s was saved returning `%s`; reading `%s` (the SAE's representation) instead.", path,
+                    base.config.representation, representation)
+        base.config.representation = representation
     return model.eval()
 
 

@@ -238,28 +238,30 @@ def activation_histogram(profile: FeatureProfile, *, width: int = 320, height: i
     return canvas
 
 
-def heatmap_overlay(image: Any, grid: np.ndarray, *, vmax: float, size: int = 72) -> PIL.Image.Image:
+def heatmap_overlay(image: Any, grid: np.ndarray, *, vmax: float, vmin: float = 0.0,
+                    size: int = 72) -> PIL.Image.Image:
     """`image` (centre-cropped square thumbnail, the crop the model sees) with `grid` [gh, gw] overlaid.
 
-    Values <= 0 are transparent; values up to `vmax` go from translucent red to opaque yellow. The image is shown
-    in grey underneath so the colours read as the feature, not the picture.
+    Values <= `vmin` are transparent; values up to `vmax` go from translucent red to opaque yellow. The image is
+    shown in dimmed grey underneath so the colours read as the feature, not the picture.
     """
     base = PIL.ImageOps.grayscale(_thumbnail(image, size)).convert("RGB")
-    level = np.clip(np.asarray(grid, dtype=np.float32) / max(vmax, 1e-12), 0.0, 1.0)
+    level = np.asarray(grid, dtype=np.float32) - vmin
+    level = np.clip(level / max(vmax - vmin, 1e-12), 0.0, 1.0)
     # Bilinear upsampling of the patch grid: smooth, and each patch's value is exact at its centre.
     level = np.asarray(PIL.Image.fromarray(level, mode="F").resize((size, size), PIL.Image.Resampling.BILINEAR))
     level = np.clip(level, 0.0, 1.0)
     color = np.stack([np.full_like(level, 255.0), 255.0 * level, np.zeros_like(level)], axis=-1)
     alpha = (0.75 * np.sqrt(level))[..., None]
-    mixed = (1.0 - alpha) * np.asarray(base, dtype=np.float32) + alpha * color
+    mixed = (1.0 - alpha) * 0.7 * np.asarray(base, dtype=np.float32) + alpha * color
     return PIL.Image.fromarray(mixed.round().astype(np.uint8), "RGB")
 
 
 def captioned_strip(dataset: datasets.Dataset, indices: Sequence[int], captions: Sequence[str], *, size: int = 56,
-                    slots: int | None = None, maps: np.ndarray | None = None,
-                    vmax: float | None = None) -> PIL.Image.Image:
+                    slots: int | None = None, maps: np.ndarray | None = None, vmax: float | None = None,
+                    vmin: float = 0.0) -> PIL.Image.Image:
     """Like `feature_image_strip`, with a caption (e.g. the activation) under each image, and optionally the
-    patch heatmaps `maps` [n, gh, gw] overlaid (`heatmap_overlay`, shared `vmax`)."""
+    patch heatmaps `maps` [n, gh, gw] overlaid (`heatmap_overlay`, shared `vmin` / `vmax`)."""
     pad, caption_h = 3, 13
     slots = max(slots or len(indices), 1)
     strip = PIL.Image.new("RGB", (slots * (size + pad) - pad, size + caption_h), "white")
@@ -268,7 +270,8 @@ def captioned_strip(dataset: datasets.Dataset, indices: Sequence[int], captions:
     for pos, index in enumerate(list(indices)[:slots]):
         image = dataset[int(index)]["image"]
         if maps is not None and pos < len(maps):
-            tile = heatmap_overlay(image, maps[pos], vmax=vmax or float(np.max(maps)) or 1.0, size=size)
+            top = float(np.max(maps)) if vmax is None else vmax
+            tile = heatmap_overlay(image, maps[pos], vmax=top, vmin=vmin, size=size)
         else:
             tile = _thumbnail(image, size)
         strip.paste(tile, (pos * (size + pad), 0))
@@ -390,6 +393,19 @@ def _feature_html(change: FeatureChange, report: FeatureChangeReport, dataset: d
     return "".join(parts)
 
 
+class _CachedImages:
+    """`dataset[i]["image"]` decoded once: a feature's top images recur across pages, strips and models."""
+
+    def __init__(self, dataset: datasets.Dataset) -> None:
+        self.dataset = dataset.select_columns(["image"]) if "image" in (dataset.column_names or []) else dataset
+        self.cache: dict[int, dict[str, Any]] = {}
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        if index not in self.cache:
+            self.cache[index] = {"image": decode_image(self.dataset[index]["image"])}
+        return self.cache[index]
+
+
 def _role_tag(role: Mapping[str, Any]) -> str:
     kind = role["direction"]
     what = {"added": f"added on {role['count']}", "removed": f"removed on {role['count']}",
@@ -444,7 +460,11 @@ def _profile_html(p: FeatureProfile, reports: Mapping[str, FeatureChangeReport],
                f'{_img_tag(activation_histogram(p), f"feature {p.feature} activation histogram")}</div></div>')
     if dataset is not None:
         maps = (patch_maps or {}).get(p.feature)
-        vmax = max([float(np.max(v)) for v in maps.values() if np.size(v)] + [0.0]) if maps else 0.0
+        # One colour scale per feature, shared by every model's maps: the lowest patch shown is transparent, the
+        # highest yellow, so the maps compare across models and show where in the image the feature responds.
+        shown = [np.asarray(v) for v in (maps or {}).values() if np.size(v)]
+        vmin = min(float(v.min()) for v in shown) if shown else 0.0
+        vmax = max(float(v.max()) for v in shown) if shown else 0.0
         out.append('<div class="cols">')
         for m in p.models:
             rows = p.top_indices.get(m, [])
@@ -454,9 +474,10 @@ def _profile_html(p: FeatureProfile, reports: Mapping[str, FeatureChangeReport],
                              f"feature {p.feature} top images {m}") if rows else "<div class='muted'>never active</div>")
             heat = ""
             if maps is not None and rows and m in maps:
-                heat = ('<div class="muted">patch heatmap (encoder pre-activation per patch)</div>'
-                        + _img_tag(captioned_strip(dataset, rows, captions, size=size, slots=slots,
-                                                   maps=maps[m], vmax=vmax or 1.0), f"feature {p.feature} heatmaps {m}"))
+                heat = (f'<div class="muted" title="SAE encoder pre-activation of each patch token; colour scale '
+                        f'shared by the models">patch heatmap ({vmin:.3g} clear, {vmax:.3g} yellow)</div>'
+                        + _img_tag(captioned_strip(dataset, rows, captions, size=size, slots=slots, maps=maps[m],
+                                                   vmax=vmax, vmin=vmin), f"feature {p.feature} heatmaps {m}"))
             out.append(f'<div class="col topimgs" data-model="{_esc(m)}"><div>{_swatch(colors[m])}<b>{_esc(m)}</b>: '
                        f"top-activating images</div>{body}{heat}</div>")
         out.append("</div>")
@@ -503,6 +524,8 @@ def write_report(
     """
     if not reports:
         raise ValueError("write_report needs at least one report.")
+    if dataset is not None:
+        dataset = _CachedImages(dataset)  # type: ignore[assignment]  # duck-typed: rows are read as dataset[i]["image"]
     names = list(reports)
     first = reports[names[0]]
     out = ['<!DOCTYPE html><html><head><meta charset="utf-8">', f"<title>{_esc(title)}</title>",
