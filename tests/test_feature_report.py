@@ -96,8 +96,13 @@ def decode_all_images(root: Node) -> int:
     for img in root.iter("img"):
         src = img.attrs["src"]
         assert src.startswith("data:image/png;base64,"), src[:40]
-        image = PIL.Image.open(io.BytesIO(base64.b64decode(src.split(",", 1)[1], validate=True)))
-        image.load()  # decodes the pixels: a truncated or corrupt PNG raises here
+        data = base64.b64decode(src.split(",", 1)[1], validate=True)
+        # A whole PNG: signature first, the IEND chunk (with its CRC) last; verify() checks every chunk's CRC, and
+        # load() decodes the pixels (PIL's decoder alone accepts a file cut after its image data).
+        assert data.startswith(b"\x89PNG\r\n\x1a\n") and data.endswith(b"IEND\xaeB`\x82")
+        PIL.Image.open(io.BytesIO(data)).verify()
+        image = PIL.Image.open(io.BytesIO(data))
+        image.load()
         assert image.format == "PNG" and image.size[0] > 0 and image.size[1] > 0
         count += 1
     return count
