@@ -328,7 +328,7 @@ nav{position:sticky;top:0;background:#fff;border-bottom:1px solid #ddd;padding:6
 nav a{margin-right:14px} a{color:#1d5fa7;text-decoration:none} a:hover{text-decoration:underline}
 .page{border:1px solid #d5d5d5;border-radius:8px;padding:10px 14px;margin:14px 0;scroll-margin-top:40px}
 .page h3{margin:0 0 6px 0} .cols{display:flex;flex-wrap:wrap;gap:18px;align-items:flex-start}
-.col{min-width:0} .sw{display:inline-block;width:10px;height:10px;border-radius:2px;margin-right:4px}
+.col{min-width:0} .prompts{margin:4px 0;font-size:13px} .sw{display:inline-block;width:10px;height:10px;border-radius:2px;margin-right:4px}
 .added{background:#dff3ee} .removed{background:#fbe4dc} .frequency{background:#eee8f6}
 """
 
@@ -451,13 +451,13 @@ def _profile_html(p: FeatureProfile, reports: Mapping[str, FeatureChangeReport],
                    f"<td class='num'>{p.mean_activation[m]:.3g}</td><td class='num'>{p.max_activation[m]:.3g}</td>"
                    f"<td class='num'>{added}</td><td class='num'>{removed}</td></tr>")
     out.append("</table>")
+    out.append('</div><div class="col"><div class="muted">activation histogram (active images; sqrt scale)</div>'
+               f'{_img_tag(activation_histogram(p), f"feature {p.feature} activation histogram")}</div></div>')
     if p.text:
         tags = "".join(f'<span class="tag">{_esc(t["prompt"])} ({t["cosine"]:.2f})</span>' for t in p.text)
         out.append(f'<div class="prompts">closest prompts (cosine with the decoder atom): {tags}</div>')
     else:
         out.append(f'<div class="prompts muted">closest prompts: {_esc(text_note)}</div>')
-    out.append('</div><div class="col"><div class="muted">activation histogram (active images; sqrt scale)</div>'
-               f'{_img_tag(activation_histogram(p), f"feature {p.feature} activation histogram")}</div></div>')
     if dataset is not None:
         maps = (patch_maps or {}).get(p.feature)
         # One colour scale per feature, shared by every model's maps: the lowest patch shown is transparent, the
@@ -480,15 +480,17 @@ def _profile_html(p: FeatureProfile, reports: Mapping[str, FeatureChangeReport],
                                                    vmax=vmax, vmin=vmin), f"feature {p.feature} heatmaps {m}"))
             out.append(f'<div class="col topimgs" data-model="{_esc(m)}"><div>{_swatch(colors[m])}<b>{_esc(m)}</b>: '
                        f"top-activating images</div>{body}{heat}</div>")
-        out.append("</div>")
+        out.append('</div><div class="cols">')
         for name, report in reports.items():
             for direction in DIRECTIONS:
                 change = next((c for c in report.top(direction) if c.feature == p.feature), None)
                 if change is not None and change.example_indices:
                     captions = [f"{v:.3g}" for v in change.example_activations]
                     strip = captioned_strip(dataset, change.example_indices, captions, size=size)
-                    out.append(f'<div class="strip"><div class="muted">{_esc(name)}: images where it was {direction} '
-                               f"(|activation|)</div>{_img_tag(strip, f'feature {p.feature} {direction} {name}')}</div>")
+                    out.append(f'<div class="col strip"><div class="muted">{_esc(name)}: images where it was '
+                               f"{direction} (|activation|)</div>"
+                               f"{_img_tag(strip, f'feature {p.feature} {direction} {name}')}</div>")
+        out.append("</div>")
     out.append("</div>")
     return "".join(out)
 
