@@ -42,8 +42,8 @@ Input regime (which vectors the SAE sees), chosen by ``normalize``:
 - ``False``: raw ``z``, as the reference penalty feeds the SAE (``sae_ft_penalty(normalize=False)``); useful to see
   exactly the codes the training penalty saw. FVU is then measured on raw vectors too.
 
-Nothing here trains or changes a model. matplotlib (bar charts only) is imported lazily; without it the report is
-written without charts.
+Nothing here trains or changes a model. matplotlib (the summary charts only) is imported lazily; without it the
+report is written without them. The feature pages' histograms and heatmaps are drawn with PIL.
 
 The package keeps the analysis apart from the rendering: `analysis` (codes, statistics; no plotting, no HTML),
 `text` (CLIP text prompts closest to a feature), `report` (images, charts, the HTML file) and `runs`

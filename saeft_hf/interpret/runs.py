@@ -155,6 +155,7 @@ def interpret_runs(
         vocab = build_text_vocabulary(text_model, tokenizer, classnames=names, templates=templates,
                                       vocabulary=vocabulary, progress=False)
     elif text_model is not None:
+        text_note = "none (no class names or vocabulary to describe features with)"
         logger.warning("No class names and no vocabulary to describe features with: the report has no text. "
                        "Pass classnames= or vocabulary=.")
 
