@@ -208,7 +208,7 @@ def test_html_report_renders(tmp_path):
     images = re.findall(r'src="data:image/png;base64,([A-Za-z0-9+/=]+)"', page)
     assert len(images) >= 5  # 2 charts + strips of features
     assert PIL.Image.open(io.BytesIO(base64.b64decode(images[-1]))).format == "PNG"
-    assert not re.search(r'(src|href)="(?!data:)', page)  # self-contained: nothing fetched
+    assert not re.search(r'(src|href)="(?!data:|#)', page)  # self-contained: nothing fetched (in-page anchors only)
     grid = feature_grid(ft, digit_like_dataset(3), "added")
     assert grid.size[0] > 300 and grid.mode == "RGB"
 

@@ -1,61 +1,14 @@
-"""What did fine-tuning change? Added and removed SAE features, per image, per feature and per class.
+"""The analysis half of `saeft_hf.interpret`: SAE codes of two models compared, as numbers (no plotting, no HTML).
 
-SAE-FT (arXiv 2605.15961) makes fine-tuning readable as a list of SAE features that appeared or disappeared. This
-module measures that list for any fine-tuned model (full checkpoint or LoRA adapter) against the pre-trained one, on
-any labelled image dataset, and turns it into a JSON file and one self-contained HTML report.
-
-The pieces, in the order data flows through them::
-
-    z0, labels = embeddings of the pre-trained model         [N, d]   (compute_embeddings, eval transform)
-    z          = embeddings of the fine-tuned model           [N, d]   (same images, same order)
-    report     = compare_codes(sae, z0, z, labels)             FeatureChangeReport (pure function of embeddings)
-    describe_with_text(report, sae, build_text_vocabulary(clip, tokenizer, classnames, templates))
-    write_report({"FT": report_ft, "SAE-FT": report_saeft}, "report.html", dataset=raw_dataset)
-
-`compute_feature_changes` does the first three steps for one model; `interpret_runs` does everything for one or more
-fine-tuned models (the pre-trained embeddings are computed once) and writes JSON, grid PNGs and `report.html`.
-
-Definitions (codes `s0 = SAE(z0)` and `s = SAE(z)`, both [N, F]; "active" means a non-zero code):
-
-- ``added[i, j]   = (s[i, j] != 0) & (s0[i, j] == 0)``: feature j is active on image i after fine-tuning only.
-- ``removed[i, j] = (s0[i, j] != 0) & (s[i, j] == 0)``: active before only.
-- Per feature: ``added_count[j] = sum_i added[i, j]`` (images), ``added_mean_abs[j]`` = mean of ``|s[i, j]|`` over
-  those images, and the same for removal with ``|s0[i, j]|``. Features are ranked by their *mass*, count times
-  mean |activation| (= the summed |activation| that appeared or vanished), so a feature added often but weakly and
-  one added rarely but strongly are both visible; ties go to the larger count.
-- Per image: ``added_per_image = mean_i sum_j added[i, j]``. For TopK SAEs (exactly k active codes per image) the
-  numbers added and removed per image are equal (every addition displaces a feature); the *distinct* features
-  added and removed differ, and that is the interesting part.
-- ``frequency_before[j]``: fraction of images where feature j is active in ``s0``; ``mean_activation_before[j]``:
-  mean signed code over those images (0 if never active). Same for "after".
-- FVU (fraction of variance unexplained) of the SAE's reconstruction of its inputs, ``sum ||x - x_hat||^2 /
-  sum ||x - mean(x)||^2``, for the pre-trained inputs (how good the dictionary is) and for the fine-tuned inputs
-  (how much of the new embedding the pre-trained dictionary can still express).
-- Linear CKA between the raw pre-trained and fine-tuned embeddings (1 = same geometry up to rotation and scale).
-
-Input regime (which vectors the SAE sees), chosen by ``normalize``:
-
-- ``None`` (default): ``sae.preprocess(z)``, exactly how the SAE was trained (unit L2 norm for the paper's SAE),
-  i.e. what ``sae(z)`` does. This is the regime in which the SAE's features mean what they were trained to mean, so it
-  is the right one to *read* a change, whatever regime the penalty used during training.
-- ``True``: ``z / |z|`` regardless of the SAE's config (the penalty's ``normalize=True``).
-- ``False``: raw ``z``, as the reference penalty feeds the SAE (``sae_ft_penalty(normalize=False)``); useful to see
-  exactly the codes the training penalty saw. FVU is then measured on raw vectors too.
-
-Nothing here trains or changes a model. matplotlib (bar charts only) is imported lazily; without it the report is
-written without charts.
+See the package docstring (`saeft_hf.interpret`) for the exact definitions.
 """
 
 from __future__ import annotations
 
-import base64
-import html
-import io
 import json
 import logging
 import math
 import os
-import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -63,42 +16,16 @@ from typing import Any
 
 import datasets
 import numpy as np
-import PIL.Image
-import PIL.ImageDraw
-import PIL.ImageFont
-import PIL.ImageOps
 import torch
 import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from .data import AnyDataset, decode_image, transforms_from_pretrained, with_image_transform
-from .embeddings import compute_embeddings
-from .lora import load_classifier
-from .modeling import SAEFTCLIPForImageClassification
-from .sae import SAEMismatchError, SparseAutoencoder
-from .zeroshot import zeroshot_text_embeddings
-
-__all__ = [
-    "ClassChange",
-    "FeatureChange",
-    "FeatureChangeReport",
-    "TextVocabulary",
-    "build_text_vocabulary",
-    "compare_codes",
-    "compute_feature_changes",
-    "describe_with_text",
-    "feature_grid",
-    "feature_image_strip",
-    "fraction_of_variance_unexplained",
-    "interpret_runs",
-    "linear_cka",
-    "load_model_for_interpretation",
-    "plot_class_changes",
-    "plot_feature_counts",
-    "sae_inputs",
-    "write_report",
-]
+from ..data import AnyDataset, with_image_transform
+from ..embeddings import compute_embeddings
+from ..lora import load_classifier
+from ..modeling import SAEFTCLIPForImageClassification
+from ..sae import SAEMismatchError, SparseAutoencoder
 
 logger = logging.getLogger(__name__)
 
@@ -603,6 +530,10 @@ def load_model_for_interpretation(path: str, *, representation: str = "image_emb
       `saeft_hf.lora.load_classifier` (the head is irrelevant here but loads with it);
     - any CLIP checkpoint (`CLIPModel` weights): its vision tower and projection only (`num_labels=1`; no head,
       no text tower needed).
+
+    A classifier saved with another representation (e.g. fine-tuned with the penalty on `image_embeds`) is read
+    through the SAE's: the representation only chooses which tensor of the same forward is returned, so an SAE on
+    `hidden_states.{i}.{cls|mean}` can describe a model fine-tuned with an `image_embeds` penalty.
     """
     if os.path.isfile(os.path.join(path, "adapter_config.json")) or _config_model_type(path) == "saeft_clip":
         model = load_classifier(path, **hub_kwargs)
@@ -611,9 +542,12 @@ def load_model_for_interpretation(path: str, *, representation: str = "image_emb
             path, num_labels=1, source_model=path, representation=representation, **hub_kwargs)
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     if base.config.representation != representation:
-        raise SAEMismatchError(
-            f"{path} returns `{base.config.representation}` but the SAE was trained on `{representation}`: use an "
-            "SAE trained on this representation, or a model configured for the SAE's.")
+        from ..modeling import parse_representation
+
+        parse_representation(representation)  # a clear error for a malformed spec
+        logger.info("%s was saved returning `%s`; reading `%s` (the SAE's representation) instead.", path,
+                    base.config.representation, representation)
+        base.config.representation = representation
     return model.eval()
 
 
@@ -735,557 +669,235 @@ def compute_feature_changes(
     return report
 
 
+
+
 # ----------------------------------------------------------------------------------------------------------------
-# Text descriptions
+# Feature pages: one feature seen through every model (what saev / Neuronpedia show per feature)
 # ----------------------------------------------------------------------------------------------------------------
+
+PRETRAINED_NAME = "pre-trained"
+PROFILES_FILENAME = "feature_profiles.json"
 
 
 @dataclass
-class TextVocabulary:
-    """Prompts and their unit-norm CLIP text embeddings [P, projection_dim]; `kinds[i]` is "class" or "vocabulary"."""
+class FeatureProfile:
+    """One SAE feature under the pre-trained model and every fine-tuned model, for its feature page.
 
-    prompts: list[str]
-    kinds: list[str]
-    embeddings: torch.Tensor
+    Every per-model field is a dict keyed by model name (`PRETRAINED_NAME` for the pre-trained model, then the
+    fine-tuned models' names, in `models` order). "Active" means a non-zero code, as in `compare_codes`, so
+    `frequency[PRETRAINED_NAME] == report.frequency_before[feature]` and `frequency[name] ==
+    reports[name].frequency_after[feature]` exactly.
 
-
-def build_text_vocabulary(
-    clip: Any,
-    tokenizer: Any = None,
-    *,
-    classnames: Sequence[str] | None = None,
-    templates: Sequence[str] = ("a photo of a {}.",),
-    vocabulary: Sequence[str] = (),
-    progress: bool = False,
-) -> TextVocabulary:
-    """Text embeddings to describe features with.
-
-    Class names: one template-averaged embedding per class (`saeft_hf.zeroshot.zeroshot_text_embeddings`, exactly
-    the zero-shot head's directions), labelled with the class name. Vocabulary: each entry embedded as given
-    (a word or a full prompt such as "a blurry photo").
-
-    Args:
-        clip: a `transformers.CLIPModel`, or a path / Hub id of one (loaded with its tokenizer).
-        tokenizer: the CLIP tokenizer (loaded from `clip` when it is a path and this is None).
+    Attributes:
+        feature: latent index.
+        models: model names, pre-trained first.
+        roles: why the feature has a page: [{"model", "direction" ("added" / "removed" / "frequency"), "count",
+            "rank"}] (count = images added / removed on, or the signed change in active images for "frequency").
+        sign: +1 or -1, the sign of the feature's typical code (signed TopK SAEs can fire negatively; its direction
+            in input space is then `-W_dec[feature]`).
+        frequency / mean_activation: fraction of images where it is active / mean signed code over those images.
+        max_activation: the largest |code| (0 if never active).
+        top_indices / top_activations: dataset rows with the largest |code| under that model, and their signed codes.
+        histogram_edges: [bins + 1] edges shared by every model (signed codes, active images only), so the
+            histograms of one feature compare bin for bin.
+        histogram_counts: [bins] active images per bin.
+        text: best-aligned prompts (filled by `saeft_hf.interpret.text.describe_profiles`).
     """
-    from transformers import AutoTokenizer, CLIPModel
 
-    if isinstance(clip, (str, os.PathLike)):
-        path = os.fspath(clip)
-        clip = CLIPModel.from_pretrained(path)
-        tokenizer = tokenizer or AutoTokenizer.from_pretrained(path)
-    if tokenizer is None:
-        raise ValueError("build_text_vocabulary needs the CLIP tokenizer when `clip` is a model object.")
-    prompts, kinds, parts = [], [], []
-    if classnames:
-        parts.append(zeroshot_text_embeddings(clip, tokenizer, list(classnames), list(templates), progress=progress))
-        prompts += [str(name) for name in classnames]
-        kinds += ["class"] * len(classnames)
-    if vocabulary:
-        # The template "{}" embeds each entry as written.
-        parts.append(zeroshot_text_embeddings(clip, tokenizer, list(vocabulary), ["{}"], progress=progress))
-        prompts += [str(v) for v in vocabulary]
-        kinds += ["vocabulary"] * len(vocabulary)
-    if not parts:
-        raise ValueError("build_text_vocabulary needs class names and/or a vocabulary.")
-    return TextVocabulary(prompts=prompts, kinds=kinds, embeddings=torch.cat(parts).float().cpu())
+    feature: int
+    models: list[str]
+    roles: list[dict[str, Any]]
+    sign: float
+    frequency: dict[str, float]
+    mean_activation: dict[str, float]
+    max_activation: dict[str, float]
+    top_indices: dict[str, list[int]]
+    top_activations: dict[str, list[float]]
+    histogram_edges: list[float]
+    histogram_counts: dict[str, list[int]]
+    text: list[dict[str, Any]] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> FeatureProfile:
+        return cls(**data)
+
+    def remap_indices(self, rows: Sequence[int]) -> None:
+        """Replace image positions p by `rows[p]` (see `FeatureChangeReport.remap_indices`), in place."""
+        self.top_indices = {m: [int(rows[i]) for i in idx] for m, idx in self.top_indices.items()}
 
 
-def describe_with_text(
-    report: FeatureChangeReport,
+def select_features(reports: Mapping[str, FeatureChangeReport], *, per_direction: int = 12,
+                    by_frequency: int = 4) -> list[tuple[int, list[dict[str, Any]]]]:
+    """The features that get a page, in page order, each with its roles (see `FeatureProfile.roles`).
+
+    Per model: its `per_direction` most added and most removed features (the report's ranking), then its
+    `by_frequency` features whose number of active images changed most (|after - before|, ties to the lower index)
+    among those not yet listed. A feature listed by several models or directions gets one page with every role.
+    """
+    order: dict[int, list[dict[str, Any]]] = {}
+    for name, report in reports.items():
+        for direction in DIRECTIONS:
+            for rank, change in enumerate(report.top(direction)[:per_direction]):
+                order.setdefault(change.feature, []).append(
+                    {"model": name, "direction": direction, "count": change.count, "rank": rank + 1})
+        if by_frequency > 0:
+            delta = (np.asarray(report.frequency_after) - np.asarray(report.frequency_before)) * report.n_images
+            delta = np.rint(delta).astype(np.int64)
+            candidates = [j for j in np.lexsort((np.arange(delta.size), -np.abs(delta))).tolist()
+                          if delta[j] != 0 and j not in order][:by_frequency]
+            for rank, j in enumerate(candidates):
+                order[j] = [{"model": name, "direction": "frequency", "count": int(delta[j]), "rank": rank + 1}]
+    return list(order.items())
+
+
+@torch.no_grad()
+def profile_features(
     sae: SparseAutoencoder,
-    vocabulary: TextVocabulary,
+    embeddings: Mapping[str, torch.Tensor],
+    features: Sequence[int] | Sequence[tuple[int, list[dict[str, Any]]]],
     *,
-    top_prompts: int = 3,
-    center: bool = False,
-) -> None:
-    """Fill `FeatureChange.text` of every reported feature with its best-aligned prompts, in place.
-
-    Score: cosine between the decoder atom ``W_dec[j]`` (times the sign of the feature's mean changed code, since a
-    negative code of a signed TopK SAE adds ``-W_dec[j]``) and each prompt's text embedding. The atom lives in the
-    SAE's input space: for an SAE on `image_embeds` that is CLIP's joint image-text space (unit norm only rescales,
-    so directions are unchanged). `center=True` subtracts the mean text embedding first, which removes the
-    direction all prompts share (CLIP's modality gap) and can make the ranking less uniform across features.
-
-    Raises:
-        ValueError / SAEMismatchError: the SAE is not on `image_embeds`, or the widths differ.
-    """
-    if sae.config.representation != "image_embeds":
-        raise ValueError(
-            f"Text alignment needs an SAE on `image_embeds` (CLIP's joint space); this one is on "
-            f"`{sae.config.representation}`, whose directions are not comparable with text embeddings.")
-    text = vocabulary.embeddings.float()
-    if text.shape[1] != sae.config.d_in:
-        raise SAEMismatchError(f"Text embeddings have width {text.shape[1]} but the SAE's d_in is {sae.config.d_in}: "
-                               "use the text tower of the CLIP model the SAE was trained on.")
-    if center:
-        text = text - text.mean(0, keepdim=True)
-    text = F.normalize(text, dim=-1)
-    atoms = F.normalize(sae.W_dec.detach().float().cpu(), dim=-1)  # [F, d]
-    for change in (*report.top_added, *report.top_removed):
-        sign = -1.0 if change.mean_signed_activation < 0 else 1.0
-        cosines = sign * (text @ atoms[change.feature])
-        order = cosines.argsort(descending=True)[:top_prompts].tolist()
-        change.text = [{"prompt": vocabulary.prompts[i], "cosine": float(cosines[i]), "kind": vocabulary.kinds[i]}
-                       for i in order]
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Images
-# ----------------------------------------------------------------------------------------------------------------
-
-
-def _thumbnail(image: Any, size: int) -> PIL.Image.Image:
-    img = decode_image(image).convert("RGB")
-    # Small images (28 px digits) are enlarged with NEAREST so strokes stay crisp instead of blurred.
-    resample = PIL.Image.Resampling.NEAREST if min(img.size) < size else PIL.Image.Resampling.BICUBIC
-    return PIL.ImageOps.fit(img, (size, size), method=resample)
-
-
-def feature_image_strip(dataset: datasets.Dataset, indices: Sequence[int], *, size: int = 56, pad: int = 2,
-                        slots: int | None = None) -> PIL.Image.Image:
-    """Images `dataset[i]["image"]` for i in `indices`, left to right, as one RGB image [size, slots * (size+pad)].
-
-    Empty slots (fewer indices than `slots`) stay light grey, so strips of one table line up.
-    """
-    slots = max(slots or len(indices), 1)
-    strip = PIL.Image.new("RGB", (slots * (size + pad) - pad, size), (235, 235, 235))
-    for pos, index in enumerate(list(indices)[:slots]):
-        strip.paste(_thumbnail(dataset[int(index)]["image"], size), (pos * (size + pad), 0))
-    return strip
-
-
-def _font(size: int) -> PIL.ImageFont.ImageFont:
-    try:
-        return PIL.ImageFont.load_default(size=size)
-    except TypeError:  # Pillow < 10.1 has no sized default font
-        return PIL.ImageFont.load_default()
-
-
-def _describe(change: FeatureChange, class_names: Sequence[str] | None) -> list[str]:
-    """Short text lines for one feature (used in the PNG grids)."""
-    sign = "+" if change.direction == "added" else "-"
-    lines = [f"#{change.feature}  {sign}{change.count} img ({100 * change.image_fraction:.1f}%)",
-             f"|a|={change.mean_abs_activation:.3g}  freq {change.frequency_before:.2f}->{change.frequency_after:.2f}"]
-    if change.top_classes:
-        names = [class_names[c] if class_names and c < len(class_names) else str(c) for c, _ in change.top_classes]
-        lines.append("classes: " + ", ".join(names))
-    if change.text:
-        lines.append("text: " + ", ".join(f"{t['prompt']} ({t['cosine']:.2f})" for t in change.text[:2]))
-    return lines
-
-
-def feature_grid(
-    report: FeatureChangeReport,
-    dataset: datasets.Dataset,
-    direction: str = "added",
-    *,
-    max_features: int | None = None,
-    size: int = 48,
-    text_width: int = 300,
-    title: str | None = None,
-) -> PIL.Image.Image:
-    """One combined figure: a row per reported feature with its text label and the images where it changed.
-
-    `dataset` is the raw dataset the report's indices refer to. Returns an RGB PIL image (save it as PNG).
-    """
-    changes = report.top(direction)[:max_features]
-    slots = max([len(c.example_indices) for c in changes] + [1])
-    pad, line_h = 4, 13
-    row_h = max(size, 4 * line_h + 2) + pad
-    header = 22
-    width = text_width + slots * (size + 2)
-    canvas = PIL.Image.new("RGB", (width, header + max(len(changes), 1) * row_h), "white")
-    draw = PIL.ImageDraw.Draw(canvas)
-    draw.text((4, 4), title or f"{len(changes)} most {direction} features (images where {direction})",
-              fill="black", font=_font(14))
-    if not changes:
-        draw.text((4, header), f"No feature was {direction}.", fill="black", font=_font(12))
-    for row, change in enumerate(changes):
-        top = header + row * row_h
-        for i, line in enumerate(_describe(change, report.class_names)):
-            line = line if len(line) <= 58 else line[:57] + "..."  # the full text is in the JSON and HTML
-            draw.text((4, top + i * line_h), line, fill="black", font=_font(11))
-        canvas.paste(feature_image_strip(dataset, change.example_indices, size=size, slots=slots),
-                     (text_width, top))
-    return canvas
-
-
-def _png_base64(image: PIL.Image.Image | bytes) -> str:
-    if isinstance(image, PIL.Image.Image):
-        buf = io.BytesIO()
-        image.save(buf, format="PNG")
-        image = buf.getvalue()
-    return base64.b64encode(image).decode("ascii")
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Charts (matplotlib, lazily)
-# ----------------------------------------------------------------------------------------------------------------
-
-
-def _pyplot() -> Any:
-    """matplotlib.pyplot on the Agg backend, or None (logged) when matplotlib is not installed."""
-    try:
-        import matplotlib
-    except ImportError:
-        logger.warning("matplotlib is not installed (pip install 'saeft-hf[demo]'): the report has no charts.")
-        return None
-    matplotlib.use("Agg")  # headless: never open a window, works on servers
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
-def _figure_png(fig: Any, plt: Any) -> bytes:
-    buf = io.BytesIO()
-    fig.tight_layout()
-    fig.savefig(buf, format="png", dpi=110)
-    plt.close(fig)
-    return buf.getvalue()
-
-
-def plot_feature_counts(reports: Mapping[str, FeatureChangeReport], *, top: int = 15) -> bytes | None:
-    """Bar chart PNG: per model, images on which each top feature was added (up) or removed (down).
-
-    One panel per model, sharing the y axis so the models compare at a glance. None without matplotlib.
-    """
-    plt = _pyplot()
-    if plt is None:
-        return None
-    fig, axes = plt.subplots(1, len(reports), figsize=(5.5 * len(reports), 3.6), sharey=True, squeeze=False)
-    for ax, (name, report) in zip(axes[0], reports.items()):
-        added = report.top_added[:top]
-        removed = report.top_removed[:top]
-        ax.bar(range(len(added)), [c.count for c in added], color="#2a9d8f", label="added (images)")
-        ax.bar(range(len(removed)), [-c.count for c in removed], color="#e76f51", label="removed (images)")
-        for i, c in enumerate(added):
-            ax.text(i, c.count, str(c.feature), ha="center", va="bottom", fontsize=6, rotation=90)
-        for i, c in enumerate(removed):
-            ax.text(i, -c.count, str(c.feature), ha="center", va="top", fontsize=6, rotation=90)
-        ax.axhline(0, color="black", linewidth=0.6)
-        ax.set_title(f"{name}: {report.distinct_added} features added, {report.distinct_removed} removed",
-                     fontsize=9)
-        ax.set_xlabel(f"feature rank (by {report.rank_by}); labels = feature ids", fontsize=8)
-        ax.set_xticks([])
-    axes[0][0].set_ylabel("images")
-    axes[0][0].legend(fontsize=7, loc="upper right")
-    return _figure_png(fig, plt)
-
-
-def plot_class_changes(reports: Mapping[str, FeatureChangeReport]) -> bytes | None:
-    """Grouped bar chart PNG: mean features added per image, per class, one bar per model. None if no classes."""
-    if not any(r.per_class for r in reports.values()):
-        return None
-    plt = _pyplot()
-    if plt is None:
-        return None
-    labels = sorted({c.label for r in reports.values() for c in r.per_class})
-    names = {c.label: c.name for r in reports.values() for c in r.per_class}
-    width = 0.8 / len(reports)
-    fig, ax = plt.subplots(figsize=(max(6.0, 0.6 * len(labels) * len(reports)), 3.4))
-    for m, (name, report) in enumerate(reports.items()):
-        by_label = {c.label: c.added_per_image for c in report.per_class}
-        xs = [i + (m - (len(reports) - 1) / 2) * width for i in range(len(labels))]
-        ax.bar(xs, [by_label.get(lab, 0.0) for lab in labels], width=width, label=name)
-    ax.set_xticks(range(len(labels)))
-    ax.set_xticklabels([names[lab] for lab in labels], rotation=45 if len(labels) > 12 else 0, fontsize=8)
-    ax.set_ylabel("features added per image")
-    ax.set_title("Features added per image, by class", fontsize=10)
-    ax.legend(fontsize=8)
-    return _figure_png(fig, plt)
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# The HTML report
-# ----------------------------------------------------------------------------------------------------------------
-
-_CSS = """
-body{font-family:system-ui,-apple-system,Segoe UI,Helvetica,Arial,sans-serif;margin:24px;color:#222;max-width:1600px}
-h1{font-size:1.5em} h2{margin-top:1.6em;border-bottom:1px solid #ddd} table{border-collapse:collapse;margin:8px 0}
-td,th{border:1px solid #ddd;padding:4px 8px;font-size:13px;vertical-align:top} th{background:#f4f4f4}
-td.num{text-align:right;font-variant-numeric:tabular-nums} .models{display:flex;gap:24px;align-items:flex-start}
-.model{flex:1;min-width:0} .feat{border:1px solid #e3e3e3;border-radius:6px;padding:8px;margin:8px 0}
-.feat h4{margin:0 0 4px 0} .muted{color:#666;font-size:12px} img{image-rendering:pixelated;max-width:100%}
-.strip{margin:3px 0} .tag{display:inline-block;background:#eef;border-radius:3px;padding:0 4px;margin:1px;font-size:12px}
-"""
-
-_SUMMARY_ROWS: tuple[tuple[str, str, str], ...] = (
-    ("n_images", "images analysed", "{:d}"),
-    ("added_per_image", "features added per image (mean)", "{:.3f}"),
-    ("removed_per_image", "features removed per image (mean)", "{:.3f}"),
-    ("images_with_added", "images with at least one added feature", "{:.1%}"),
-    ("distinct_added", "distinct features added (on at least one image)", "{:d}"),
-    ("distinct_removed", "distinct features removed", "{:d}"),
-    ("fvu_before", "SAE FVU, pre-trained embeddings", "{:.4f}"),
-    ("fvu_after", "SAE FVU, fine-tuned embeddings", "{:.4f}"),
-    ("cka", "linear CKA(pre-trained, fine-tuned)", "{:.4f}"),
-)
-
-
-def _fmt(value: Any, spec: str) -> str:
-    if value is None:
-        return "n/a"
-    try:
-        return spec.format(value)
-    except (ValueError, TypeError):
-        return str(value)
-
-
-def _esc(value: Any) -> str:
-    return html.escape(str(value))
-
-
-def _img_tag(data: PIL.Image.Image | bytes, alt: str) -> str:
-    return f'<img alt="{_esc(alt)}" src="data:image/png;base64,{_png_base64(data)}">'
-
-
-def _feature_html(change: FeatureChange, report: FeatureChangeReport, dataset: datasets.Dataset | None,
-                  size: int) -> str:
-    verb = change.direction
-    parts = [f'<div class="feat"><h4>feature #{change.feature}</h4>',
-             f'<div>{verb} on <b>{change.count}</b> images ({change.image_fraction:.1%}); mean |activation| '
-             f'{change.mean_abs_activation:.3g}; mass {change.mass:.3g}</div>',
-             f'<div class="muted">active before on {change.frequency_before:.1%} of images '
-             f'(mean {change.mean_activation_before:.3g}), after on {change.frequency_after:.1%} '
-             f'(mean {change.mean_activation_after:.3g})</div>']
-    if change.top_classes:
-        names = report.class_names or []
-        tags = "".join(f'<span class="tag">{_esc(names[c] if c < len(names) else c)}: {n}</span>'
-                       for c, n in change.top_classes)
-        parts.append(f"<div>classes: {tags}</div>")
-    if change.text:
-        tags = "".join(f'<span class="tag">{_esc(t["prompt"])} ({t["cosine"]:.2f})</span>' for t in change.text)
-        parts.append(f"<div>text (cosine with decoder atom): {tags}</div>")
-    if dataset is not None:
-        if change.example_indices:
-            strip = feature_image_strip(dataset, change.example_indices, size=size)
-            parts.append(f'<div class="strip"><div class="muted">images where it was {verb}, strongest first</div>'
-                         f'{_img_tag(strip, f"feature {change.feature} {verb}")}</div>')
-        if change.exemplar_indices:
-            strip = feature_image_strip(dataset, change.exemplar_indices, size=size)
-            parts.append('<div class="strip"><div class="muted">top-activating images under the pre-trained '
-                         f'model</div>{_img_tag(strip, f"feature {change.feature} exemplars")}</div>')
-    parts.append("</div>")
-    return "".join(parts)
-
-
-def write_report(
-    reports: Mapping[str, FeatureChangeReport],
-    path: str | Path,
-    *,
-    dataset: datasets.Dataset | None = None,
-    title: str = "What fine-tuning changed, in SAE features",
-    description: str | None = None,
-    max_features: int = 12,
-    image_size: int = 48,
-) -> Path:
-    """Write ONE self-contained HTML file (charts and images embedded as base64 PNG) comparing `reports`.
+    normalize: bool | None = None,
+    top_images: int = 8,
+    bins: int = 24,
+    chunk_size: int = 4096,
+) -> list[FeatureProfile]:
+    """Per-feature statistics under each model: what a feature page shows (pure function of embeddings).
 
     Args:
-        reports: {model name: report}, e.g. {"FT": ..., "SAE-FT": ...}; models are shown side by side in this order.
-            All must come from the same images (same dataset rows) for the image strips to be meaningful.
-        path: the .html file to write (parent directories are created).
-        dataset: the raw dataset (`image` column) the reports' indices refer to; without it, no image strips.
-        description: a free-text paragraph under the title (e.g. the models' paths and the split).
-        max_features: features shown per model and direction.
+        embeddings: {model name: [N, d] embeddings}, the pre-trained model first (its name is used as given;
+            `interpret_runs` uses `PRETRAINED_NAME`), all on the same images in the same order.
+        features: feature indices, or `select_features` output (indices with their roles).
+        normalize: the input regime, as in `compare_codes`.
+        top_images: top-activating rows kept per model.
+        bins: histogram bins (edges shared across models for one feature).
     """
-    if not reports:
-        raise ValueError("write_report needs at least one report.")
-    names = list(reports)
-    first = reports[names[0]]
-    out = ['<!DOCTYPE html><html><head><meta charset="utf-8">', f"<title>{_esc(title)}</title>",
-           f"<style>{_CSS}</style></head><body>", f"<h1>{_esc(title)}</h1>"]
-    if description:
-        out.append(f"<p>{_esc(description)}</p>")
-    out.append(
-        f'<p class="muted">SAE: d_sae={first.d_sae}, k={first.k}; SAE inputs: {_esc(first.input_regime)}. A feature is '
-        "<i>added</i> on an image when its code is non-zero for the fine-tuned model and zero for the pre-trained "
-        "one, <i>removed</i> for the reverse. Features are ranked by "
-        f"{_esc(first.rank_by)} (mass = images x mean |activation|). FVU = sum of squared reconstruction errors / "
-        "sum of squared deviations from the mean; CKA is linear CKA on the raw embeddings.</p>")
+    if not embeddings:
+        raise ValueError("profile_features needs the embeddings of at least one model.")
+    items = [(f, []) if isinstance(f, (int, np.integer)) else (int(f[0]), list(f[1])) for f in features]
+    ids = [int(j) for j, _ in items]
+    d_sae = sae.config.d_sae
+    if any(not 0 <= j < d_sae for j in ids):
+        raise ValueError(f"Feature indices must be in [0, {d_sae}); got {ids}.")
+    shapes = {name: tuple(z.shape) for name, z in embeddings.items()}
+    if len(set(shapes.values())) != 1:
+        raise ValueError(f"Every model's embeddings must have the same shape [N, d]; got {shapes}.")
+    if bins < 1 or top_images < 0:
+        raise ValueError("bins must be >= 1 and top_images >= 0.")
+    was_training = sae.training
+    sae.eval()
+    device = sae.W_enc.device
+    index = torch.tensor(ids, dtype=torch.long, device=device)
+    columns: dict[str, torch.Tensor] = {}  # [N, m] codes of the selected features only
+    for name, z in embeddings.items():
+        sae.check_compatible(d_in=z.shape[1])
+        x = sae_inputs(sae, z.float(), normalize)
+        parts = [sae.encode(x[s:s + chunk_size].to(device)).index_select(1, index).float().cpu()
+                 for s in range(0, x.shape[0], chunk_size)]
+        columns[name] = torch.cat(parts) if parts else torch.zeros(0, len(ids))
+    sae.train(was_training)
 
-    out.append("<h2>Summary</h2><table><tr><th></th>" + "".join(f"<th>{_esc(n)}</th>" for n in names) + "</tr>")
-    for key, label, spec in _SUMMARY_ROWS:
-        cells = "".join(f'<td class="num">{_fmt(getattr(reports[n], key), spec)}</td>' for n in names)
-        out.append(f"<tr><td>{_esc(label)}</td>{cells}</tr>")
-    out.append("</table>")
+    n = next(iter(shapes.values()))[0]
+    profiles: list[FeatureProfile] = []
+    for col, (j, roles) in enumerate(items):
+        values = {name: codes[:, col] for name, codes in columns.items()}
+        active = {name: v[v != 0] for name, v in values.items()}
+        pooled = torch.cat(list(active.values()))
+        low, high = (float(pooled.min()), float(pooled.max())) if pooled.numel() else (0.0, 1.0)
+        if high <= low:  # one distinct value: a unit-wide bin around it
+            low, high = low - 0.5, high + 0.5
+        edges = torch.linspace(low, high, bins + 1, dtype=torch.float64)
+        first_active = next((a for a in active.values() if a.numel()), torch.ones(1))
+        sign = -1.0 if float(first_active.double().mean()) < 0 else 1.0
+        top_idx: dict[str, list[int]] = {}
+        top_val: dict[str, list[float]] = {}
+        for name, v in values.items():
+            keep = min(top_images, int((v != 0).sum()))
+            order = v.abs().topk(keep).indices if keep else torch.zeros(0, dtype=torch.long)
+            top_idx[name] = [int(i) for i in order]
+            top_val[name] = [float(v[i]) for i in order]
+        profiles.append(FeatureProfile(
+            feature=j, models=list(embeddings), roles=roles, sign=sign,
+            frequency={name: int(a.numel()) / n for name, a in active.items()},
+            mean_activation={name: float(a.double().mean()) if a.numel() else 0.0 for name, a in active.items()},
+            max_activation={name: float(a.abs().max()) if a.numel() else 0.0 for name, a in active.items()},
+            top_indices=top_idx, top_activations=top_val, histogram_edges=edges.tolist(),
+            histogram_counts={name: torch.histc(a.double(), bins=bins, min=low, max=high).long().tolist()
+                              if a.numel() else [0] * bins for name, a in active.items()},
+        ))
+    return profiles
 
-    counts_png, class_png = plot_feature_counts(reports), plot_class_changes(reports)
-    if counts_png or class_png:
-        out.append("<h2>Added and removed features</h2>")
-        for png, alt in ((counts_png, "feature counts"), (class_png, "changes per class")):
-            if png:
-                out.append(f"<div>{_img_tag(png, alt)}</div>")
 
-    if any(r.per_class for r in reports.values()):
-        out.append("<h2>Per class</h2><table><tr><th>class</th><th>images</th>")
-        out.extend(f"<th>{_esc(n)}: added / removed per image</th><th>{_esc(n)}: top added</th>"
-                   f"<th>{_esc(n)}: top removed</th>" for n in names)
-        out.append("</tr>")
-        by_model = {n: {c.label: c for c in reports[n].per_class} for n in names}
-        for label in sorted({lab for rows in by_model.values() for lab in rows}):
-            ref = next(rows[label] for rows in by_model.values() if label in rows)
-            cells = [f"<td>{_esc(ref.name)}</td><td class='num'>{ref.n_images}</td>"]
-            for n in names:
-                c = by_model[n].get(label)
-                if c is None:
-                    cells.append("<td>-</td><td>-</td><td>-</td>")
-                    continue
-                fmt = lambda items: ", ".join(f"#{e['feature']} ({e['fraction']:.0%})" for e in items)  # noqa: E731
-                cells.append(f"<td class='num'>{c.added_per_image:.2f} / {c.removed_per_image:.2f}</td>"
-                             f"<td>{_esc(fmt(c.top_added))}</td><td>{_esc(fmt(c.top_removed))}</td>")
-            out.append("<tr>" + "".join(cells) + "</tr>")
-        out.append("</table>")
-
-    for direction in DIRECTIONS:
-        out.append(f"<h2>Most {direction} features</h2><div class='models'>")
-        for n in names:
-            report = reports[n]
-            changes = report.top(direction)[:max_features]
-            out.append(f"<div class='model'><h3>{_esc(n)}</h3>")
-            if not changes:
-                out.append(f"<p>No feature was {direction}.</p>")
-            out.extend(_feature_html(c, report, dataset, image_size) for c in changes)
-            out.append("</div>")
-        out.append("</div>")
-    out.append("</body></html>")
-
+def save_profiles(profiles: Sequence[FeatureProfile], path: str | Path) -> Path:
+    """Write the profiles as a JSON list (atomically). Returns the path."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text("\n".join(out), encoding="utf-8")
+    tmp.write_text(json.dumps([p.to_dict() for p in profiles], indent=1, allow_nan=False), encoding="utf-8")
     os.replace(tmp, path)
     return path
 
 
+def load_profiles(path: str | Path) -> list[FeatureProfile]:
+    return [FeatureProfile.from_dict(item) for item in json.loads(Path(path).read_text(encoding="utf-8"))]
+
+
 # ----------------------------------------------------------------------------------------------------------------
-# End to end
+# Patch heatmaps (SAEs on hidden states)
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def _slug(name: str) -> str:
-    return re.sub(r"[^A-Za-z0-9._-]+", "_", name).strip("_") or "model"
-
-
-def interpret_runs(
-    pretrained: nn.Module | str,
-    finetuned: Mapping[str, nn.Module | str],
-    sae: SparseAutoencoder | str,
-    dataset: AnyDataset,
-    transform: Callable[[Any], torch.Tensor] | None = None,
+@torch.no_grad()
+def patch_activations(
+    model: nn.Module,
+    sae: SparseAutoencoder,
+    pixel_values: torch.Tensor,
+    features: Sequence[int],
     *,
-    output_dir: str | Path,
-    text_model: Any = None,
-    tokenizer: Any = None,
-    classnames: Sequence[str] | None = None,
-    templates: Sequence[str] = ("a photo of a {}.",),
-    vocabulary: Sequence[str] = (),
     normalize: bool | None = None,
-    max_samples: int | None = None,
-    seed: int = 0,
-    batch_size: int = 256,
-    device: torch.device | str | None = None,
-    autocast_dtype: torch.dtype | None = None,
-    top_features: int = 20,
-    top_images: int = 8,
-    top_prompts: int = 3,
-    rank_by: str = "mass",
-    center_text: bool = False,
-    title: str = "What fine-tuning changed, in SAE features",
-    description: str | None = None,
-    progress: bool = True,
-) -> dict[str, FeatureChangeReport]:
-    """Compare one or more fine-tuned models with the pre-trained one and write JSON, grids and an HTML report.
+    batch_size: int = 64,
+) -> torch.Tensor:
+    """The features' SAE pre-activations on every patch token: [B, C, H, W] -> [B, m, grid_h, grid_w].
 
-    Writes into `output_dir`: `<name>/feature_changes.json` and `<name>/grid_added.png`, `grid_removed.png` per
-    model, `summary.json` (headline numbers of every model) and `report.html` (self-contained).
+    For an SAE on `hidden_states.{i}.{cls|mean}`, each patch token of hidden state i (the CLS token excluded) goes
+    through the SAE's encoder as if it were the pooled vector: ``sae.pre_activations(sae_inputs(sae, h_p))``. The
+    pre-activation (before TopK / ReLU) is what is mapped, because a sparsifying activation applied to one patch
+    would blank most of the map. For `.mean` pooling with raw inputs (`input_normalization="none"`, or
+    `normalize=False`) the map averages exactly to the pooled image's pre-activation (the encoder is affine).
 
-    Args:
-        pretrained: the pre-trained model, or a path (a CLIP checkpoint; only its vision tower is used).
-        finetuned: {display name: model or path}; paths are loaded with `saeft_hf.lora.load_classifier` (full
-            classifier directories and LoRA adapters alike). Order = column order in the report.
-        sae: the SAE, or a path for `SparseAutoencoder.from_pretrained`.
-        dataset: raw `datasets` dataset with `image` / `label` columns.
-        transform: eval transform; None -> `transforms_from_pretrained(pretrained)[1]` (needs a path).
-        text_model / tokenizer: a CLIPModel (or path) whose text tower describes features; None: no text.
-        classnames: label names (default: the dataset's ClassLabel names, else the fine-tuned model's id2label).
-        templates: prompt templates for the class-name text embeddings.
-        vocabulary: extra words or prompts to describe features with.
-        Other arguments: see `compute_feature_changes` / `compare_codes` / `describe_with_text`.
-
-    Returns:
-        {name: FeatureChangeReport}.
+    Raises:
+        ValueError: the SAE is not on a `hidden_states.*` representation, or the patches do not form a square grid.
     """
-    if not finetuned:
-        raise ValueError("interpret_runs needs at least one fine-tuned model.")
-    output_dir = Path(output_dir)
-    if isinstance(sae, (str, os.PathLike)):
-        sae_source = os.fspath(sae)
-        sae = SparseAutoencoder.from_pretrained(sae_source)
-    else:
-        sae_source = None
-    representation = sae.config.representation
-    pretrained_source = None
-    if isinstance(pretrained, (str, os.PathLike)):
-        pretrained_source = os.fspath(pretrained)
-        pretrained = load_model_for_interpretation(pretrained_source, representation=representation)
-        if transform is None:
-            transform = transforms_from_pretrained(pretrained_source)[1]
-    if transform is None:
-        raise ValueError("Pass the eval `transform` (transforms_from_pretrained(path)[1]) when `pretrained` is a model.")
-    models: dict[str, nn.Module] = {}
-    sources: dict[str, str | None] = {}
-    for name, model in finetuned.items():
-        sources[name] = os.fspath(model) if isinstance(model, (str, os.PathLike)) else None
-        models[name] = load_model_for_interpretation(sources[name], representation=representation) \
-            if sources[name] is not None else model
-    _check_model(pretrained, sae, "pre-trained", check_source=True)
-    for name, model in models.items():
-        _check_model(model, sae, f"fine-tuned '{name}'", check_source=False)
+    from transformers import CLIPModel
 
-    data, rows = _prepare_dataset(dataset, max_samples, seed)
-    names = list(classnames) if classnames is not None else _class_names(dataset, list(models.values()))
-    kwargs = dict(batch_size=batch_size, device=device, autocast_dtype=autocast_dtype, progress=progress)
-    # The pre-trained embeddings are shared by every comparison: compute them once.
-    z_before, labels = _embed(pretrained, data, transform, **kwargs)
+    from ..modeling import parse_representation
 
-    vocab = None
-    if text_model is not None and (names or vocabulary):
-        vocab = build_text_vocabulary(text_model, tokenizer, classnames=names, templates=templates,
-                                      vocabulary=vocabulary, progress=False)
-    elif text_model is not None:
-        logger.warning("No class names and no vocabulary to describe features with: the report has no text. "
-                       "Pass classnames= or vocabulary=.")
-
-    reports: dict[str, FeatureChangeReport] = {}
-    for name, model in models.items():
-        z_after, labels_after = _embed(model, data, transform, **kwargs)
-        if not torch.equal(labels, labels_after):
-            raise RuntimeError("The passes over the dataset returned different label orders; use a map-style dataset.")
-        report = compare_codes(sae, z_before, z_after, labels, normalize=normalize, class_names=names,
-                               top_features=top_features, top_images=top_images, rank_by=rank_by)
-        if vocab is not None:
-            describe_with_text(report, sae, vocab, top_prompts=top_prompts, center=center_text)
-        if rows is not None:
-            report.remap_indices(rows)
-        report.metadata.update(
-            name=name, finetuned=sources[name], pretrained=pretrained_source, sae=sae_source,
-            sae_config={k: v for k, v in sae.config.to_dict().items() if k != "training_metrics"},
-            max_samples=max_samples, seed=seed,
-        )
-        model_dir = output_dir / _slug(name)
-        report.save_json(model_dir / CHANGES_FILENAME)
-        image_source = dataset if not isinstance(dataset, datasets.IterableDataset) else data
-        for direction in DIRECTIONS:
-            feature_grid(report, image_source, direction, title=f"{name}: most {direction} features").save(
-                model_dir / f"grid_{direction}.png")
-        reports[name] = report
-        logger.info("%s: %s", name, report.summary())
-
-    summary = {name: report.summary() for name, report in reports.items()}
-    (output_dir / "summary.json").write_text(json.dumps(summary, indent=1), encoding="utf-8")
-    write_report(reports, output_dir / REPORT_FILENAME,
-                 dataset=dataset if not isinstance(dataset, datasets.IterableDataset) else data,
-                 title=title, description=description)
-    return reports
+    kind, layer, _ = parse_representation(sae.config.representation)
+    if kind != "hidden_states":
+        raise ValueError(f"Patch heatmaps need an SAE on `hidden_states.{{i}}.{{cls|mean}}`; this one is on "
+                         f"`{sae.config.representation}`, which has no per-patch vectors.")
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    if not isinstance(base, (SAEFTCLIPForImageClassification, CLIPModel)):
+        raise TypeError(f"patch_activations needs a CLIP vision model, got {type(base).__name__}.")
+    was_training = (model.training, sae.training)
+    model.eval()
+    sae.eval()
+    device = sae.W_enc.device
+    model_device = next(base.parameters()).device
+    index = torch.tensor(list(features), dtype=torch.long, device=device)
+    maps = []
+    for start in range(0, pixel_values.shape[0], batch_size):
+        pixels = pixel_values[start:start + batch_size].to(model_device)
+        hidden = base.vision_model(pixel_values=pixels, output_hidden_states=True).hidden_states[layer][:, 1:]
+        b, p, d = hidden.shape
+        side = math.isqrt(p)
+        if side * side != p:
+            raise ValueError(f"{p} patch tokens do not form a square grid; cannot draw a heatmap.")
+        x = sae_inputs(sae, hidden.reshape(b * p, d).float().to(device), normalize)
+        pre = sae.pre_activations(x).index_select(1, index)  # [b * p, m]
+        maps.append(pre.reshape(b, side, side, -1).permute(0, 3, 1, 2).float().cpu())
+    model.train(was_training[0])
+    sae.train(was_training[1])
+    return torch.cat(maps) if maps else torch.zeros(0, len(index), 0, 0)
