@@ -26,6 +26,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "interpret": ("saeft_hf.commands.interpret", "the feature report: SAE features fine-tuning added and removed"),
     "demo": ("saeft_hf.commands.demo",
              "the offline digit-shift benchmark, every method side by side (outputs/demo/)"),
+    "compare": ("saeft_hf.commands.compare",
+                "a run's eval_results.json beside the numbers its config should reproduce (`expected:`)"),
     "env": ("saeft_hf.commands.env", "print versions and accelerators for a bug report"),
 }
 
