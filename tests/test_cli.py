@@ -320,3 +320,19 @@ def test_train_as_two_torchrun_processes(workspace, full_run):
     # Both runs evaluate every image exactly once, whatever the process count.
     assert results["num_examples"] == one["num_examples"]
     assert (out / "model.safetensors").is_file() and (out / "README.md").is_file()
+
+
+@pytest.mark.slow
+def test_demo_runs_through_the_command(tmp_path, capsys):
+    """`saeft demo` (defaults: every method into outputs/demo, as `make demo`), here cut to the zero-shot row."""
+    from saeft_hf.benchmarks.experiment import DigitExperimentConfig
+
+    assert DigitExperimentConfig.__dataclass_fields__["output_dir"].default == "outputs/demo"
+    out = tmp_path / "demo"
+    assert cli("demo", "--output_dir", str(out), "--methods", "zeroshot", "--max_steps", "3", "--batch_size", "32",
+               "--max_eval_samples", "40", "--max_train_samples", "200", "--sae_epochs", "2") == 0
+    printed = capsys.readouterr().out
+    assert "| zeroshot |" in printed and f"outputs in {out}" in printed
+    rows = json.loads((out / "results.json").read_text())["rows"]
+    assert {row["method"] for row in rows} == {"zeroshot"}
+    assert (out / "results.md").read_text() in printed
