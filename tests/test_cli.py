@@ -336,3 +336,13 @@ def test_demo_runs_through_the_command(tmp_path, capsys):
     rows = json.loads((out / "results.json").read_text())["rows"]
     assert {row["method"] for row in rows} == {"zeroshot"}
     assert (out / "results.md").read_text() in printed
+
+
+def test_demo_without_its_extra_says_what_to_install(monkeypatch, tmp_path):
+    import importlib.util
+
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "mlxtend" else find_spec(name, *a))
+    with pytest.raises(SystemExit, match=r"The demo needs mlxtend \(the `demo` extra\): pip install 'saeft-hf\[demo\]'"):
+        cli("demo", "--output_dir", str(tmp_path))
+    assert not (tmp_path / "results.json").exists()
