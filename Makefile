@@ -22,7 +22,7 @@ $(STAMP): $(PY) setup.cfg pyproject.toml
 install: $(STAMP)
 
 demo: $(STAMP)
-	HF_HUB_OFFLINE=1 $(PY) recipes/digits.py --output_dir outputs/demo
+	HF_HUB_OFFLINE=1 $(VENV)/bin/saeft demo --output_dir outputs/demo
 
 test: $(STAMP)
 	HF_HUB_OFFLINE=1 $(PY) -m pytest -q tests

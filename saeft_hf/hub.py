@@ -15,6 +15,7 @@ from typing import Any
 from huggingface_hub import EvalResult, HfApi, ModelCard, ModelCardData
 
 from .atomic import write_text_atomic
+from .environment import framework_versions
 
 CARD_TEMPLATE = """---
 {{ card_data }}
@@ -24,21 +25,48 @@ CARD_TEMPLATE = """---
 
 {{ summary }}
 
-## Evaluation
-{{ eval_table }}
+## Quick start
+{{ quick_start_intro }}
 
-## Training
-{{ training_table }}
-
-## Use
 ```python
 {{ usage }}
 ```
 
-Trained with [saeft-hf](https://github.com/saeft-hf/saeft-hf): SAE-FT (arXiv 2605.15961) penalises sparse-autoencoder
-features that fine-tuning adds or removes, and embedding drift the SAE dictionary cannot explain. The SAE is in the
-`sae/` folder of this repository.
+## Evaluation
+{{ eval_table }}
+
+## WiSE-FT
+{{ wise_ft_section }}
+
+## Training
+{{ training_table }}
+
+## Framework versions
+{{ versions }}
+
+## Citation
+Trained with [saeft-hf](https://github.com/saeft-hf/saeft-hf): SAE-FT
+([arXiv 2605.15961](https://arxiv.org/abs/2605.15961)) penalises sparse-autoencoder features that fine-tuning adds or
+removes, and embedding drift the SAE dictionary cannot explain. The SAE is in the `sae/` folder of this repository.
+
+```bibtex
+{{ citation }}
+```
 """
+
+#: The paper, as its arXiv page lists it (title, authors in order, identifier).
+CITATION_BIBTEX = """@misc{morelli2026saeft,
+  title         = {Sparse Autoencoders enable Robust and Interpretable Fine-tuning of {CLIP} models},
+  author        = {Morelli, Fabian and Uselis, Arnas and Sonthalia, Ankit and Oh, Seong Joon},
+  year          = {2026},
+  eprint        = {2605.15961},
+  archivePrefix = {arXiv},
+  primaryClass  = {cs.CV},
+  url           = {https://arxiv.org/abs/2605.15961}
+}"""
+
+#: The first line of a card's quick start; replace the string with a repo id or a local folder to run it.
+QUICK_START_PATH_LINE = 'path = "{target}"  # this repository, or the local folder it was saved to'
 
 PRETTY_NAMES = {
     "imagenet": "ImageNet", "imagenetv2": "ImageNet-V2", "imagenet_v2": "ImageNet-V2", "imagenet_r": "ImageNet-R",
@@ -98,6 +126,98 @@ def _eval_table(results: Mapping[str, Any], wise_ft: Mapping[str, Any] | None) -
     return "\n".join(lines) + "\n\n" + " ".join(notes)
 
 
+_INFERENCE = """inputs = processor(images=Image.new("RGB", (256, 256), "white"), return_tensors="pt")  # your image here
+with torch.no_grad():
+    out = model(**inputs)
+print(model.config.id2label[int(out.logits.argmax(-1))])"""
+
+
+def _quick_start(target: str, base_model: str | None, is_adapter: bool, wise_ft: Mapping[str, Any] | None
+                 ) -> tuple[str, str]:
+    """(a sentence, a runnable snippet) loading the model or adapter, classifying an image, and loading the SAE.
+
+    The snippet's first line is `QUICK_START_PATH_LINE`: replacing its string with a local folder or repo id is all it
+    takes to run it (the tests do exactly that on a saved run)."""
+    base = base_model or "<the pre-trained CLIP checkpoint>"
+    lines = [QUICK_START_PATH_LINE.format(target=target), "import torch", "from PIL import Image"]
+    if is_adapter:
+        intro = (f"A LoRA adapter (PEFT) on the vision tower of `{base}`, with the trained classification head. "
+                 "PEFT loads it onto the pre-trained CLIP that `adapter_config.json` records; the classifier around "
+                 "it (classes, head, representation) is described by `base/config.json`.")
+        lines += [
+            "from peft import PeftConfig, PeftModel",
+            "from transformers import AutoConfig, AutoImageProcessor",
+            "",
+            "from saeft_hf import SAEFTCLIPForImageClassification, SparseAutoencoder",
+            "",
+            "base_model = PeftConfig.from_pretrained(path).base_model_name_or_path  # the pre-trained CLIP",
+            "config = AutoConfig.from_pretrained(path, subfolder=\"base\")  # classes, head and representation",
+            "base = SAEFTCLIPForImageClassification.from_pretrained(base_model, config=config)",
+            "model = PeftModel.from_pretrained(base, path).eval()  # model.merge_and_unload() folds the adapter in",
+            "processor = AutoImageProcessor.from_pretrained(base_model)",
+        ]
+    else:
+        intro = (f"A CLIP image classifier (vision tower, visual projection, and a head on the L2-normalised image "
+                 f"embedding) fine-tuned from `{base}`. With saeft-hf installed it loads through transformers' Auto "
+                 "classes; without it, the vision tower loads as `CLIPVisionModelWithProjection` and the head is "
+                 "`classifier.weight` / `classifier.bias` in `model.safetensors` (both shown below).")
+        lines += [
+            "from transformers import AutoImageProcessor, AutoModelForImageClassification",
+            "",
+            "import saeft_hf  # registers the SAE-FT classifier with transformers' Auto classes",
+            "from saeft_hf import SAEFTCLIPForImageClassification, SparseAutoencoder",
+            "",
+            "model = AutoModelForImageClassification.from_pretrained(path).eval()",
+            f"processor = AutoImageProcessor.from_pretrained(\"{base}\")  # the pre-trained CLIP's preprocessing",
+        ]
+    lines += _INFERENCE.splitlines()
+    if not is_adapter:
+        lines += [
+            "",
+            "# The same logits with transformers alone:",
+            "import os",
+            "from huggingface_hub import hf_hub_download",
+            "from safetensors.torch import load_file",
+            "from transformers import CLIPVisionModelWithProjection",
+            "",
+            "vision = CLIPVisionModelWithProjection.from_pretrained(path).eval()  # `classifier.*` is left out",
+            "weights = load_file(os.path.join(path, \"model.safetensors\") if os.path.isdir(path)",
+            "                    else hf_hub_download(path, \"model.safetensors\"))",
+            "with torch.no_grad():",
+            "    image_embeds = torch.nn.functional.normalize(vision(**inputs).image_embeds, dim=-1)",
+            "logits = image_embeds @ weights[\"classifier.weight\"].T + weights[\"classifier.bias\"]",
+        ]
+    if wise_ft:
+        lines += ["", f"# WiSE-FT at alpha {float(wise_ft['best_alpha']):g}, chosen on `{wise_ft['select_on']}` "
+                      "(a full model):",
+                  # The class itself, not the Auto class: next to an adapter, transformers' Auto loading would
+                  # look for the adapter's base model in the subfolder.
+                  "wise = SAEFTCLIPForImageClassification.from_pretrained(path, subfolder=\"wise_ft\")"]
+    lines += ["", "# The SAE of the pre-trained model (the SAE-FT dictionary) and this image's features in it:",
+              "sae = SparseAutoencoder.from_pretrained(path, subfolder=\"sae\")",
+              "codes = sae(out.representation).codes  # [1, d_sae], the input as the SAE was trained on"]
+    return intro, "\n".join(lines)
+
+
+def _wise_ft_section(wise_ft: Mapping[str, Any] | None) -> str:
+    """How WiSE-FT's alpha was chosen, and the sweep it was chosen from."""
+    if not wise_ft:
+        return "No WiSE-FT sweep was run with this model (`--wise_ft_alphas`)."
+    select_on, best = wise_ft["select_on"], float(wise_ft["best_alpha"])
+    text = (f"theta = (1 - alpha) theta_0 + alpha theta_fine-tuned, over all weights including the head (for an "
+            f"adapter, alpha scales its delta). Chosen: **alpha {best:g}**, the best accuracy on `{select_on}`"
+            + (f" ({wise_ft['selection']})" if wise_ft.get("selection") else "")
+            + ", never on a reported set; that model is in the `wise_ft/` folder.")
+    header = ["alpha", f"{select_on} (selection)", "ID", "shift average"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for alpha, values in zip(wise_ft["alphas"], wise_ft["results"]):
+        cells = [f"{100 * values[k]:.2f}" if isinstance(values.get(k), (int, float)) else ""
+                 for k in (select_on, "id", "avg_shift")]
+        mark = " (chosen)" if float(alpha) == best else ""
+        lines.append(f"| {float(alpha):g}{mark} | " + " | ".join(cells) + " |")
+    return text + "\n\n" + "\n".join(lines) + "\n\nTop-1 accuracy (%); alpha 0 is the pre-trained model with its initial head."
+
+
 def _redact(text: str, token: str | None = None) -> str:
     """Remove anything that looks like a Hugging Face token, and the given token whatever its form."""
     if token:
@@ -151,33 +271,21 @@ def build_model_card(
         model_name=model_name,
         eval_results=eval_results or None,
     )
-    target = repo_id or "<this repo or directory>"
-    if is_adapter:
-        usage = (
-            "from huggingface_hub import snapshot_download\nfrom saeft_hf.lora import load_classifier\n"
-            f"model = load_classifier(snapshot_download(\"{target}\"))  # base CLIP weights + this adapter"
-        )
-    else:
-        usage = (
-            "import saeft_hf  # registers the model class\n"
-            "from transformers import AutoModelForImageClassification\n"
-            f"model = AutoModelForImageClassification.from_pretrained(\"{target}\")"
-        )
-    if wise_ft:
-        usage += (
-            ("\nimport saeft_hf\nfrom transformers import AutoModelForImageClassification" if is_adapter else "")
-            + f"\n# WiSE-FT at alpha {wise_ft['best_alpha']:g} (a full model):\n"
-            f"wise = AutoModelForImageClassification.from_pretrained(\"{target}\", subfolder=\"wise_ft\")"
-        )
+    target = repo_id or "<this repo id or local folder>"
+    intro, usage = _quick_start(target, base_model, is_adapter, wise_ft)
     return ModelCard.from_template(
         card_data,
         template_str=CARD_TEMPLATE,
         model_name=model_name,
         summary=f"A CLIP image classifier fine-tuned from `{base_model}` with saeft-hf"
         f"{' (LoRA adapter)' if is_adapter else ''}.",
-        eval_table=_eval_table(results, wise_ft),
-        training_table=_table(dict(hyperparameters or {}), ("hyper-parameter", "value")),
+        quick_start_intro=intro,
         usage=usage,
+        eval_table=_eval_table(results, wise_ft),
+        wise_ft_section=_wise_ft_section(wise_ft),
+        training_table=_table(dict(hyperparameters or {}), ("hyper-parameter", "value")),
+        versions="\n".join(f"- {name}: {version}" for name, version in framework_versions().items()),
+        citation=CITATION_BIBTEX,
     )
 
 

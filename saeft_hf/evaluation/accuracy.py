@@ -149,7 +149,10 @@ def shard_dataset(dataset: AnyDataset, process_index: int, num_processes: int) -
         from datasets.distributed import split_dataset_by_node
 
         return split_dataset_by_node(dataset, rank=process_index, world_size=num_processes)
-    return dataset.select(shard_range(len(dataset), process_index, num_processes))
+    rows = shard_range(len(dataset), process_index, num_processes)
+    # A set smaller than the process count leaves some ranks nothing: `select(range(n, n))` on n rows raises in
+    # datasets (it checks the start index), `range(0)` is the same empty selection.
+    return dataset.select(rows if len(rows) else range(0))
 
 
 # ----------------------------------------------------------------------------------------------------------------
