@@ -389,3 +389,16 @@ def test_two_processes_train_the_one_process_saes(ws):
             torch.testing.assert_close(b[name], a[name], rtol=0, atol=0, msg=f"{spec}: {name}")
     torch.testing.assert_close(load_file(two / "cache" / "sae_embeddings.safetensors")["embeddings"],
                                load_file(one / "cache" / "sae_embeddings.safetensors")["embeddings"], rtol=0, atol=0)
+
+
+def test_the_train_sae_command_saves_one_sae_per_representation(ws, tmp_path):
+    from saeft_hf.commands.train_sae import main as train_sae_main
+    from saeft_hf.sae_set import load_sae_set
+
+    out = tmp_path / "saes"
+    train_sae_main(["--model_name_or_path", str(ws.clip), "--train_dir", str(ws.root / "D" / "train"),
+                    "--representation", TWO, "--sae_d_sae_multiplier", "2", "--sae_k", "4", "--sae_epochs", "1",
+                    "--output_dir", str(out)])
+    saes = load_sae_set(out, [LAST, PREV])
+    assert [(s.config.representation, s.config.d_in, s.config.d_sae) for s in saes.values()] == \
+        [(LAST, 32, 64), (PREV, 32, 64)]

@@ -21,7 +21,8 @@ from accelerate import PartialState
 
 from saeft_hf.data import load_image_dataset, transforms_from_pretrained
 from saeft_hf.modeling import SAEFTCLIPForImageClassification
-from saeft_hf.pipeline import ModelArguments, parse_args, sae_training_embeddings, train_sae_for_model
+from saeft_hf.pipeline import ModelArguments, parse_args, sae_training_embeddings, train_saes_for_model
+from saeft_hf.sae_set import save_sae_set
 from saeft_hf.run_dir import claimed_by_writers
 
 
@@ -78,12 +79,27 @@ def train_and_save(model_args: ModelArguments, run_args: SAERunArguments, state:
     )
     if not state.is_main_process:
         return  # the others are done: nothing left to wait for, so no barrier can time out while rank 0 trains
-    sae = train_sae_for_model(model, dataset, eval_transform, model_args, output_dir=run_args.output_dir,
-                              seed=run_args.seed, embeddings=embeddings, device=state.device)
-    sae.save_pretrained(run_args.output_dir)
-    print(sae.config.training_metrics)
+    saes = train_saes_for_model(model, dataset, eval_transform, model_args, output_dir=run_args.output_dir,
+                                seed=run_args.seed, embeddings=embeddings, device=state.device)
+    repo_id = run_args.hub_model_id or run_args.output_dir.rstrip("/").split("/")[-1]
+    if len(saes) == 1:
+        (sae,) = saes.values()
+        sae.save_pretrained(run_args.output_dir)
+        print(sae.config.training_metrics)
+        if run_args.push_to_hub:
+            sae.push_to_hub(repo_id)
+        return
+    # Several representations: one SAE each in output_dir/<spec>/, the layout --sae_name_or_path reads.
+    save_sae_set(saes, run_args.output_dir)
+    for spec, sae in saes.items():
+        print(spec, sae.config.training_metrics)
     if run_args.push_to_hub:
-        sae.push_to_hub(run_args.hub_model_id or run_args.output_dir.rstrip("/").split("/")[-1])
+        from huggingface_hub import HfApi
+
+        api = HfApi()
+        api.create_repo(repo_id, exist_ok=True)
+        api.upload_folder(folder_path=run_args.output_dir, repo_id=repo_id,
+                          allow_patterns=[f"{spec}/*" for spec in saes])  # never the embedding cache
 
 
 if __name__ == "__main__":
