@@ -55,3 +55,41 @@ def test_markdown_and_plot_written(quick_results):
     assert "| sae_ft |" in table and "shift_avg" in table
     png = (quick_results / "robustness.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
+
+
+def test_gain_over_wise_curve_recomputes_from_rows_and_curve_points(quick_results):
+    import numpy as np
+
+    results = json.loads((quick_results / "results.json").read_text())
+    curve = results["wise_ft_curve"]
+    assert [p["alpha"] for p in curve] == results["config"]["wise_alphas"] and {p["seed"] for p in curve} == {0}
+    accs = {(r["method"], r["eval_set"]): r["accuracy"] for r in results["rows"]}
+    xp, fp = zip(*sorted((p["id"], p["shift_avg"]) for p in curve))
+    for method, gain in results["gain_over_wise_curve"].items():
+        id_acc = accs[(method, "id_test")]
+        shift = float(np.mean([accs[(method, s)] for s in results["shift_sets"]]))
+        expected = None if not xp[0] <= id_acc <= xp[-1] else shift - float(np.interp(id_acc, xp, fp))
+        assert gain["per_seed"]["0"] == (pytest.approx(expected) if expected is not None else None)
+    assert results["gain_over_wise_curve"]["zeroshot"]["per_seed"]["0"] == pytest.approx(0.0)  # alpha 0 = zero-shot
+
+
+def test_a_variant_runs_with_alpha_chosen_on_the_tuning_families(tmp_path):
+    variants = tmp_path / "variants.yaml"
+    variants.write_text("variants:\n  sae_ft_multi:\n    base: sae_ft\n    wise: true\n    settings:\n"
+                        "      representation: hidden_states.-1.cls,hidden_states.-2.cls\n      sae_ft_lambda_reg: 2.0\n")
+    out = tmp_path / "out"
+    cfg = DigitExperimentConfig(output_dir=str(out), seeds=[0], methods=["zeroshot", "ft", "sae_ft_multi"],
+                                variants_file=str(variants), wise_alphas=[0.0, 0.5, 1.0], wise_select_on="tuning",
+                                tuning_splits=["tune_fonts"], max_steps=2, batch_size=16, max_eval_samples=30,
+                                max_train_samples=64, sae_epochs=1, interpret=False)
+    results = run_digit_experiment(cfg)
+    methods = {r["method"] for r in results["rows"]}
+    assert methods == {"zeroshot", "ft", "sae_ft_multi", "sae_ft_multi_wise"}
+    assert {r["eval_set"] for r in results["rows"]} == {"validation", "id_test", *results["shift_sets"], "tune_fonts"}
+    assert results["wise_select_on"] == ["validation", "tune_fonts"]
+    assert results["wise_ft_curves"]["sae_ft_multi_wise-seed0"]["select_on"] == "selection"
+    # One SAE per layer, and the run's saved model penalised both.
+    assert sorted(p.name for p in (out / "saes").iterdir()) and \
+        json.loads((out / "runs" / "sae_ft_multi-seed0" / "config.json").read_text())["representation"] == \
+        "hidden_states.-1.cls,hidden_states.-2.cls"
+    assert "tune_fonts" in (out / "results.md").read_text()
