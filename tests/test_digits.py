@@ -21,7 +21,8 @@ from saeft_hf.benchmarks import digits as D  # noqa: E402
 
 EXPECTED_SIZES = {
     "pretrain": 4900, "finetune": 2750, "validation": 500, "id_test": 1000, "uci": 897, "printed": 3000,
-    "noise": 3000, "blur": 3000, "contrast": 3000, "tune_shift": 1500,
+    "noise": 3000, "blur": 3000, "contrast": 3000, "tune_shift": 1500, "tune_fonts": 1000, "tune_pixelate": 1500,
+    "tune_shear": 1500,
 }
 
 
@@ -66,7 +67,7 @@ def test_splits_columns_and_sizes(dsd: datasets.DatasetDict) -> None:
 
 def test_polarity_white_on_black(dsd: datasets.DatasetDict) -> None:
     # MNIST's polarity everywhere: the border (background) is darker than the centre (ink).
-    for name in ("finetune", "uci", "printed", "noise", "blur", "contrast", "tune_shift"):
+    for name in ("finetune", "uci", "printed", "noise", "blur", "contrast", "tune_shift", *D.TUNING_SPLITS):
         arr = np.stack([np.asarray(im, dtype=np.float32) for im in dsd[name][:200]["image"]])
         border = np.concatenate([arr[:, :2].ravel(), arr[:, -2:].ravel(), arr[:, :, :2].ravel(), arr[:, :, -2:].ravel()])
         assert arr[:, 10:18, 10:18].mean() > border.mean() + 5, name
@@ -116,10 +117,14 @@ def test_splits_disjoint_by_image_hash(dsd: datasets.DatasetDict) -> None:
             assert not clean[a] & clean[b], (a, b)
     # Held-out UCI and printed never appear in the pool; no test image (clean or corrupted) is a pool image.
     pool_all = set(pool_h)
-    for name in ("finetune", "validation", "id_test", *D.SHIFT_SPLITS, D.TUNE_SHIFT_SPLIT):
+    for name in ("finetune", "validation", "id_test", *D.SHIFT_SPLITS, D.TUNE_SHIFT_SPLIT, *D.TUNING_SPLITS):
         hs = clean.get(name) or set(_hashes(dsd[name]))
         assert not hs & pool_all, name
     assert len(set(_hashes(dsd["printed"]))) == len(dsd["printed"])
+    # The tuning families share no image with any reported set (the held-out fonts are other fonts altogether).
+    reported = set().union(*(set(_hashes(dsd[n])) for n in (D.ID_TEST_SPLIT, *D.SHIFT_SPLITS)))
+    for name in D.TUNING_SPLITS:
+        assert not set(_hashes(dsd[name])) & reported, name
 
 
 def test_corrupted_tests_are_id_test_at_every_severity(dsd: datasets.DatasetDict) -> None:
