@@ -19,6 +19,10 @@ def test_gain_is_the_vertical_distance_to_the_linear_curve_at_the_same_id():
     assert gain_over_curve(0.92, 0.80, curve) == pytest.approx(0.80 - 0.83)
     assert gain_over_curve(0.80, 0.85, curve) == 0.0  # the zero-shot end lies on the curve
     assert gain_over_curve(0.95, 0.90, curve) is None and gain_over_curve(0.79, 0.90, curve) is None
+    # Alphas with equal ID accuracy count once, with their best shift average (so the rule has no order ambiguity).
+    tied = curve + _curve(0, [(0.6, 0.90, 0.88)])
+    assert gain_over_curve(0.90, 0.90, tied) == pytest.approx(0.02)
+    assert gain_over_curve(0.90, 0.90, list(reversed(tied))) == pytest.approx(0.02)
     with pytest.raises(ValueError, match="at least 2 points"):
         gain_over_curve(0.9, 0.9, curve[:1])
 

@@ -4,7 +4,8 @@ SAE-FT's claim is a better robustness / ID trade-off than WiSE-FT's. WiSE-FT tra
 (alpha 0) to the fine-tuned one (alpha 1) in the (ID accuracy, shift-average accuracy) plane; a method beats it only
 if its point lies above that curve at its own ID accuracy. The rule, so anyone can recompute it from `results.json`:
 
-    curve  = the points {"id", "shift_avg"} of the same seed's plain-FT sweep, sorted by "id"
+    curve  = the points {"id", "shift_avg"} of the same seed's plain-FT sweep; alphas with equal "id" count once,
+             with their best "shift_avg"; sorted by "id"
     gain   = shift_avg(method) - np.interp(id(method), curve ids, curve shift_avgs)
 
 `None` when the method's ID accuracy is outside the curve's ID range (the curve says nothing there). Everything is a
@@ -20,7 +21,8 @@ import numpy as np
 
 GAIN_RULE = (
     "gain = shift_avg(method, seed) - np.interp(id(method, seed), xp, fp), where (xp, fp) are the (id, shift_avg) "
-    "points of wise_ft_curve for that seed sorted by id; None when id is outside [min xp, max xp]."
+    "points of wise_ft_curve for that seed, one per distinct id (the highest shift_avg among alphas with that id), "
+    "sorted by id; None when id is outside [min xp, max xp]."
 )
 
 
@@ -39,9 +41,11 @@ def gain_over_curve(id_acc: float, shift_avg: float, points: Sequence[Mapping[st
     """`shift_avg` minus the curve's shift average at `id_acc` (linear in ID), or None outside its ID range."""
     if len(points) < 2:
         raise ValueError(f"A curve needs at least 2 points, got {len(points)}.")
-    ordered = sorted(points, key=lambda p: (p["id"], p["alpha"]))
-    xp = np.array([p["id"] for p in ordered], dtype=np.float64)
-    fp = np.array([p["shift_avg"] for p in ordered], dtype=np.float64)
+    best: dict[float, float] = {}
+    for p in points:  # alphas with the same ID accuracy (common on small sets): the curve's best point there
+        best[float(p["id"])] = max(best.get(float(p["id"]), -np.inf), float(p["shift_avg"]))
+    xp = np.array(sorted(best), dtype=np.float64)
+    fp = np.array([best[x] for x in xp], dtype=np.float64)
     if not xp[0] <= id_acc <= xp[-1]:
         return None
     return float(shift_avg - np.interp(id_acc, xp, fp))
