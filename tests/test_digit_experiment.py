@@ -74,7 +74,8 @@ def test_gain_over_wise_curve_recomputes_from_rows_and_curve_points(quick_result
         shift = float(np.mean([accs[(method, s)] for s in results["shift_sets"]]))
         expected = None if not xp[0] <= id_acc <= xp[-1] else shift - float(np.interp(id_acc, xp, fp))
         assert gain["per_seed"]["0"] == (pytest.approx(expected) if expected is not None else None)
-    assert results["gain_over_wise_curve"]["zeroshot"]["per_seed"]["0"] == pytest.approx(0.0)  # alpha 0 = zero-shot
+    # Zero-shot is the curve's alpha-0 point: never above the curve (below it only where another alpha ties its ID).
+    assert results["gain_over_wise_curve"]["zeroshot"]["per_seed"]["0"] <= 1e-12
 
 
 def test_a_variant_runs_with_alpha_chosen_on_the_tuning_families(tmp_path):
