@@ -1,7 +1,7 @@
-"""The digit-shift benchmark (the demo): every method side by side on the bundled tiny CLIP, offline: `saeft demo`.
+"""The digit-shift benchmark (the demo) on the bundled tiny CLIP, offline: `saeft demo`.
 
-    python recipes/digits.py                         # one seed, all methods, outputs/demo (make demo)
-    python recipes/digits.py --seeds 0 1 2 --output_dir outputs/digits-3seeds
+    python recipes/digits.py                         # the paper's comparison, one seed, outputs/demo (make demo)
+    python recipes/digits.py --methods all --seeds 0 1 2 --output_dir outputs/digits-3seeds   # every method
 
 The code (and its one parser) is `saeft_hf.commands.demo`; this file runs it from a clone.
 """

@@ -1,9 +1,12 @@
-"""The digit-shift benchmark (the demo): every method side by side on the bundled tiny CLIP, offline.
+"""The digit-shift benchmark (the demo) on the bundled tiny CLIP, offline.
 
-    python recipes/digits.py                         # one seed, all methods, outputs/demo (make demo)
-    python recipes/digits.py --seeds 0 1 2 --output_dir outputs/digits-3seeds
+    saeft demo                                       # zero-shot, FT, WiSE-FT, SAE-FT, SAE-FT + WiSE-FT, the feature
+                                                     # report; one seed, outputs/demo (make demo, < 4 min on 2 cores)
+    saeft demo --methods all --seeds 0 1 2 --output_dir outputs/digits-3seeds     # every built-in method
+    saeft demo --variants_file V.yaml --methods ft wise_ft my_variant --wise_alphas 0 0.1 ... 1   # named variants
 
-Writes results.json, results.md and robustness.png into --output_dir. See BENCHMARK.md in the README.
+Writes results.json (rows, the plain-FT WiSE-FT curve, gain_over_wise_curve), results.md and robustness.png into
+--output_dir. The tuning protocol is docs/tuning_protocol.md (recipes/tune_digits.py).
 """
 
 from __future__ import annotations
