@@ -98,3 +98,22 @@ def test_a_variant_runs_with_alpha_chosen_on_the_tuning_families(tmp_path):
         json.loads((out / "runs" / "sae_ft_multi-seed0" / "config.json").read_text())["representation"] == \
         "hidden_states.-1.cls,hidden_states.-2.cls"
     assert "tune_fonts" in (out / "results.md").read_text()
+
+
+def test_a_stopped_benchmark_is_rebuilt_from_its_finished_runs(quick_results, tmp_path):
+    import shutil
+
+    original = json.loads((quick_results / "results.json").read_text())
+    copy = tmp_path / "stopped"
+    shutil.copytree(quick_results / "runs", copy / "runs")
+    shutil.rmtree(copy / "runs" / "l2sp-seed0")  # a run that never finished
+    (copy / "runs" / "lp_ft-seed0" / "eval_results.json").unlink()
+    collected = run_digit_experiment(DigitExperimentConfig(output_dir=str(copy), collect_only=True))
+    key = lambda r: (r["method"], r["seed"], r["eval_set"])  # noqa: E731
+    before = {key(r): r["accuracy"] for r in original["rows"]}
+    after = {key(r): r["accuracy"] for r in collected["rows"]}
+    assert {k[0] for k in after} == {m for m, _, _ in before} - {"linear_probe", "l2sp", "lp_ft"}
+    assert all(after[k] == before[k] for k in after)  # zero-shot from alpha 0 of FT's sweep: the same numbers
+    assert collected["wise_ft_curve"] == original["wise_ft_curve"]
+    assert collected["gain_over_wise_curve"]["sae_ft"] == original["gain_over_wise_curve"]["sae_ft"]
+    assert (copy / "results.md").is_file() and (copy / "robustness.png").is_file()

@@ -7,6 +7,8 @@ pre-training pool. Writes `results.json`, `results.md` and `robustness.png` into
 from __future__ import annotations
 
 import copy
+import json
+import re
 import functools
 import hashlib
 import dataclasses
@@ -97,6 +99,11 @@ class DigitExperimentConfig:
         default=None,
         metadata={"help": "The pre-trained tiny CLIP (default: the bundled one); e.g. a second pre-training seed from "
                           "recipes/pretrain_tiny_clip.py --seed 1 (same data seed, so the splits stay disjoint)."},
+    )
+    collect_only: bool = field(
+        default=False,
+        metadata={"help": "Train nothing: rebuild results.json/.md/.png from the finished runs in output_dir/runs "
+                          "(a benchmark that was stopped, or split over processes)."},
     )
     sae_cache_dir: str | None = field(
         default=None, metadata={"help": "Keep trained SAEs here, one folder per SAE setting, and reuse them."}
@@ -243,6 +250,8 @@ def run_digit_experiment(cfg: DigitExperimentConfig, variants: Mapping[str, Vari
 
     `variants`: named variants in addition to those of `cfg.variants_file` (e.g. a tuning grid's settings).
     """
+    if cfg.collect_only:
+        return collect_run_results(cfg.output_dir, cfg.tuning_splits if cfg.wise_select_on == "tuning" else ())
     start, start_cpu = time.time(), time.process_time()
     variants = {**load_variants(cfg.variants_file), **(variants or {})}
     methods = list(ALL_METHODS) if cfg.methods == ["all"] else list(cfg.methods)
@@ -544,3 +553,68 @@ def plot_robustness(results: dict[str, Any], path: str) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+_RUN_NAME = re.compile(r"^(?P<method>.+)-seed(?P<seed>\d+)$")
+
+
+def collect_run_results(output_dir: str, tuning_sets: Sequence[str] = ()) -> dict[str, Any]:
+    """Rebuild results.json (rows, the plain-FT curve, gains), results.md and robustness.png from the finished runs in
+    `output_dir/runs/<method>-seed<seed>/eval_results.json`: a benchmark stopped before its end (or split over several
+    processes into one folder) loses only its unfinished runs. Zero-shot rows come from alpha 0 of FT's sweeps (the
+    zero-shot model exactly); a run with a sweep also gives its `<method>_wise` row (`wise_ft` for `ft`)."""
+    runs_dir = os.path.join(output_dir, "runs")
+    sets = ["validation", ID_TEST_SPLIT, *SHIFT_SPLITS, *tuning_sets]
+    rows: list[dict[str, Any]] = []
+    curves: dict[str, dict[str, Any]] = {}
+    ft_curve: list[dict[str, float]] = []
+    seeds: set[int] = set()
+
+    def add(method: str, seed: int, accs: Mapping[str, float]) -> None:
+        rows.extend({"method": method, "seed": seed, "eval_set": s, "accuracy": float(accs[s])}
+                    for s in sets if s in accs)
+
+    for name in sorted(os.listdir(runs_dir)):
+        match = _RUN_NAME.match(name)
+        path = os.path.join(runs_dir, name, "eval_results.json")
+        if not match or not os.path.isfile(path):
+            continue  # unfinished: eval_results.json is written whole, last
+        method, seed = match["method"], int(match["seed"])
+        seeds.add(seed)
+        with open(path, encoding="utf-8") as fh:
+            evaluated = json.load(fh)
+        add(method, seed, evaluated["final"])
+        sweep = evaluated.get("wise_ft")
+        if sweep:
+            sweep_name = "wise_ft" if method == "ft" else f"{method}_wise"
+            add(sweep_name, seed, sweep["results"][sweep["alphas"].index(sweep["best_alpha"])])
+            points = curve_points(seed, sweep["alphas"], sweep["results"], ID_TEST_SPLIT, SHIFT_SPLITS)
+            curves[f"{sweep_name}-seed{seed}"] = {
+                "alphas": sweep["alphas"], "best_alpha": sweep["best_alpha"], "select_on": sweep["select_on"],
+                "id": [p["id"] for p in points], "shift_avg": [p["shift_avg"] for p in points],
+                "accuracies": sweep["results"],
+            }
+            if method == "ft":
+                ft_curve.extend(points)
+                if 0.0 in sweep["alphas"]:
+                    add("zeroshot", seed, sweep["results"][sweep["alphas"].index(0.0)])
+    if not rows:
+        raise FileNotFoundError(f"No finished run (runs/<method>-seed<N>/eval_results.json) in {output_dir}.")
+    first = ["zeroshot", "ft", "wise_ft"]  # the reference points first, then the runs in folder order
+    rows.sort(key=lambda r: first.index(r["method"]) if r["method"] in first else len(first))
+    results = {
+        "id_set": ID_TEST_SPLIT, "shift_sets": list(SHIFT_SPLITS), "validation_set": "validation",
+        "tuning_sets": list(tuning_sets), "collected_from_runs": True,
+        "rows": rows, "summary": summarize(rows), "wise_ft_curves": curves, "wise_ft_curve": ft_curve,
+        "gain_over_wise_curve": gain_over_wise_curve(rows, ft_curve, ID_TEST_SPLIT, SHIFT_SPLITS),
+        "gain_rule": GAIN_RULE, "config": {"seeds": sorted(seeds), "output_dir": output_dir},
+        "versions": _versions(),
+    }
+    select = {c["select_on"] for c in curves.values()}
+    select_on = select.pop() if len(select) == 1 else sorted(select)
+    results["wise_select_on"] = ["validation", *tuning_sets] if select_on == SELECTION_SET else select_on
+    save_results(os.path.join(output_dir, "results.json"), results)
+    with open(os.path.join(output_dir, "results.md"), "w", encoding="utf-8") as fh:
+        fh.write(results_markdown(results))
+    plot_robustness(results, os.path.join(output_dir, "robustness.png"))
+    return results

@@ -32,7 +32,9 @@ def main(argv: list[str]) -> None:
     results = run_digit_experiment(config)
     with open(f"{config.output_dir}/results.md", encoding="utf-8") as fh:
         print(fh.read())
-    print(f"wall time {results['wall_time_s']} s; outputs in {config.output_dir}")
+    if "wall_time_s" in results:
+        print(f"wall time {results['wall_time_s']} s", end="; ")
+    print(f"outputs in {config.output_dir}")
 
 
 if __name__ == "__main__":
