@@ -1,6 +1,5 @@
 """`gain_over_wise_curve`: the claim's metric, recomputable from results.json's rows and curve points."""
 
-import numpy as np
 import pytest
 
 from saeft_hf.benchmarks.curves import curve_points, gain_over_curve, gain_over_wise_curve

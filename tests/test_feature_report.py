@@ -10,7 +10,6 @@ import io
 import json
 from dataclasses import dataclass, field
 from html.parser import HTMLParser
-from pathlib import Path
 
 import PIL.Image
 import pytest

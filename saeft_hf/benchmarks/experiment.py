@@ -396,11 +396,7 @@ def run_digit_experiment(cfg: DigitExperimentConfig, variants: Mapping[str, Vari
                 points = curve_points(seed, sweep["alphas"], sweep["results"], ID_TEST_SPLIT, SHIFT_SPLITS) if reported else []
                 if method == "ft":
                     ft_curve.extend(points)
-                curves[f"{sweep_name}-seed{seed}"] = {
-                    "alphas": sweep["alphas"], "best_alpha": sweep["best_alpha"], "select_on": select_on,
-                    "id": [p["id"] for p in points] or None, "shift_avg": [p["shift_avg"] for p in points] or None,
-                    "accuracies": sweep["results"],  # every evaluated set at every alpha
-                }
+                curves[f"{sweep_name}-seed{seed}"] = sweep_entry(sweep, points)
             logger.info("%s seed %d done in %.1fs", method, seed, timings[f"{method}-seed{seed}"])
 
     interpretation = None
@@ -449,11 +445,25 @@ def run_digit_experiment(cfg: DigitExperimentConfig, variants: Mapping[str, Vari
         "timing": {k: round(v, 1) for k, v in timing.items()},
         "wall_time_s": round(time.time() - start, 1),
     }
-    save_results(os.path.join(cfg.output_dir, "results.json"), results)
-    with open(os.path.join(cfg.output_dir, "results.md"), "w", encoding="utf-8") as fh:
-        fh.write(results_markdown(results))
-    plot_robustness(results, os.path.join(cfg.output_dir, "robustness.png"))
+    write_outputs(results, cfg.output_dir)
     return results
+
+
+def sweep_entry(sweep: Mapping[str, Any], points: Sequence[Mapping[str, float]]) -> dict[str, Any]:
+    """One WiSE-FT sweep as stored in `results.json` `wise_ft_curves` (id / shift_avg None without the reported sets)."""
+    return {
+        "alphas": sweep["alphas"], "best_alpha": sweep["best_alpha"], "select_on": sweep["select_on"],
+        "id": [p["id"] for p in points] or None, "shift_avg": [p["shift_avg"] for p in points] or None,
+        "accuracies": sweep["results"],  # every evaluated set at every alpha
+    }
+
+
+def write_outputs(results: Mapping[str, Any], output_dir: str) -> None:
+    """results.json (atomically), results.md and robustness.png into `output_dir`."""
+    save_results(os.path.join(output_dir, "results.json"), results)
+    with open(os.path.join(output_dir, "results.md"), "w", encoding="utf-8") as fh:
+        fh.write(results_markdown(results))
+    plot_robustness(results, os.path.join(output_dir, "robustness.png"))
 
 
 def summarize(rows: Sequence[dict[str, Any]]) -> dict[str, dict[str, dict[str, float]]]:
@@ -589,11 +599,7 @@ def collect_run_results(output_dir: str, tuning_sets: Sequence[str] = ()) -> dic
             sweep_name = "wise_ft" if method == "ft" else f"{method}_wise"
             add(sweep_name, seed, sweep["results"][sweep["alphas"].index(sweep["best_alpha"])])
             points = curve_points(seed, sweep["alphas"], sweep["results"], ID_TEST_SPLIT, SHIFT_SPLITS)
-            curves[f"{sweep_name}-seed{seed}"] = {
-                "alphas": sweep["alphas"], "best_alpha": sweep["best_alpha"], "select_on": sweep["select_on"],
-                "id": [p["id"] for p in points], "shift_avg": [p["shift_avg"] for p in points],
-                "accuracies": sweep["results"],
-            }
+            curves[f"{sweep_name}-seed{seed}"] = sweep_entry(sweep, points)
             if method == "ft":
                 ft_curve.extend(points)
                 if 0.0 in sweep["alphas"]:
@@ -613,8 +619,5 @@ def collect_run_results(output_dir: str, tuning_sets: Sequence[str] = ()) -> dic
     select = {c["select_on"] for c in curves.values()}
     select_on = select.pop() if len(select) == 1 else sorted(select)
     results["wise_select_on"] = ["validation", *tuning_sets] if select_on == SELECTION_SET else select_on
-    save_results(os.path.join(output_dir, "results.json"), results)
-    with open(os.path.join(output_dir, "results.md"), "w", encoding="utf-8") as fh:
-        fh.write(results_markdown(results))
-    plot_robustness(results, os.path.join(output_dir, "robustness.png"))
+    write_outputs(results, output_dir)
     return results
