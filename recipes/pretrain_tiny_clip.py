@@ -1,11 +1,12 @@
-"""Pre-train the digit benchmark's tiny CLIP contrastively and write the bundled checkpoint.
+"""Pre-train a benchmark world's tiny CLIP contrastively and write its bundled checkpoint.
 
     HF_HUB_OFFLINE=1 .venv/bin/python recipes/pretrain_tiny_clip.py                        # -> saeft_hf/benchmarks/tiny_clip/
     HF_HUB_OFFLINE=1 .venv/bin/python recipes/pretrain_tiny_clip.py --output_dir /tmp/clip --seed 1
+    HF_HUB_OFFLINE=1 .venv/bin/python recipes/pretrain_tiny_clip.py --world fashion   # -> .../tiny_clip_fashion/
 
 Trains `transformers.CLIPModel(return_loss=True)` with `transformers.Trainer` on the ``pretrain`` split of
-`build_digit_benchmark(data_seed)` (4,900 images: scarce MNIST and its corrupted copies, UCI, printed), captions
-re-drawn per image and epoch by `DigitCLIPCollator`. Writes the model (safetensors), the tokenizer,
+`build_digit_benchmark(data_seed)` (4,900 images: scarce MNIST and its corrupted copies, UCI, printed), or of another
+world's benchmark (`--world fashion`: 4,000 images), captions re-drawn per image and epoch by the world's collator. Writes the model (safetensors), the tokenizer,
 ``preprocessor_config.json`` and ``training_info.json`` (arguments, wall time, zero-shot accuracies, split sizes,
 versions). Same seed, same package versions and same thread count -> the same weights bit for bit (CPU,
 single-process data loading, `full_determinism`).
@@ -32,12 +33,15 @@ import transformers
 from transformers import CLIPModel, HfArgumentParser, Trainer, TrainerCallback, TrainingArguments
 
 from saeft_hf.benchmarks import digits
+from saeft_hf.benchmarks.worlds import WORLD_MODULES, get_world
 
 
 @dataclass
 class PretrainArguments:
-    output_dir: str = field(default_factory=digits.tiny_clip_path,
-                            metadata={"help": "where to write the checkpoint (default: the bundled directory)"})
+    world: str = field(default="digits", metadata={"help": f"benchmark world: {', '.join(WORLD_MODULES)}"})
+    output_dir: str | None = field(default=None,
+                                   metadata={"help": "where to write the checkpoint (default: the world's bundled "
+                                                     "directory)"})
     seed: int = field(default=0, metadata={"help": "model init, data order and caption sampling seed"})
     data_seed: int = field(default=digits.BUNDLED_DATA_SEED, metadata={"help": "build_digit_benchmark seed"})
     epochs: float = 25.0
@@ -66,8 +70,9 @@ def main(argv: list[str] | None = None) -> dict:
     torch.set_num_threads(args.num_threads)
     t0 = time.perf_counter()
 
-    dsd = digits.build_digit_benchmark(args.data_seed)
-    tokenizer = digits.build_tokenizer()
+    world = get_world(args.world)
+    dsd = world.build(args.data_seed)
+    tokenizer = world.build_tokenizer()
     transformers.set_seed(args.seed, deterministic=True)  # model init below depends on it
     model = CLIPModel(digits.tiny_clip_config(tokenizer))
     model.accepts_loss_kwargs = False  # CLIP's loss is a batch mean; don't let the Trainer pass num_items_in_batch
@@ -84,14 +89,14 @@ def main(argv: list[str] | None = None) -> dict:
         )
         trainer = Trainer(
             model=model, args=targs, train_dataset=dsd["pretrain"],
-            data_collator=digits.DigitCLIPCollator(tokenizer, seed=args.seed),
+            data_collator=world.collator(tokenizer, seed=args.seed),
             callbacks=[ClampLogitScale(args.max_logit_scale)],
         )
         train_out = trainer.train()
     train_seconds = time.perf_counter() - t0
 
     model = trainer.model.eval()
-    out = Path(args.output_dir)
+    out = Path(args.output_dir or world.clip_path())
     out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out)
     os.chmod(out / "model.safetensors", 0o644)  # saved via a private temp file (0600); package data must be readable
@@ -100,10 +105,11 @@ def main(argv: list[str] | None = None) -> dict:
 
     accuracy: dict[str, float] = {}
     if args.evaluate:
-        text = digits.zero_shot_text_embeddings(model, tokenizer)
-        for name in ("validation", digits.ID_TEST_SPLIT, *digits.SHIFT_SPLITS, digits.TUNE_SHIFT_SPLIT):
+        text = digits.zero_shot_text_embeddings(model, tokenizer, world.classnames, world.templates)
+        tune = (world.tune_shift_split,) if world.tune_shift_split else world.tuning_splits
+        for name in ("validation", world.id_test_split, *world.shift_splits, *tune):
             accuracy[name] = round(100 * digits.zero_shot_accuracy(model, tokenizer, dsd[name], text_embeddings=text), 2)
-        accuracy["shift_avg"] = round(sum(accuracy[s] for s in digits.SHIFT_SPLITS) / len(digits.SHIFT_SPLITS), 2)
+        accuracy["shift_avg"] = round(sum(accuracy[s] for s in world.shift_splits) / len(world.shift_splits), 2)
 
     info = {
         "arguments": {**asdict(args), "output_dir": None},  # the path is machine-specific

@@ -46,7 +46,7 @@ import functools
 import hashlib
 import io
 import zlib
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -399,11 +399,12 @@ def _encode_png(a: np.ndarray) -> dict[str, Any]:
     return {"bytes": buf.getvalue(), "path": None}
 
 
-def _to_dataset(images: np.ndarray, labels: np.ndarray, **extra: Sequence[str]) -> datasets.Dataset:
+def _to_dataset(images: np.ndarray, labels: np.ndarray, classnames: Sequence[str] = CLASSNAMES,
+                **extra: Sequence[str]) -> datasets.Dataset:
     """uint8 [N, 28, 28] + labels [N] (+ string columns) -> in-memory Dataset with Image()/ClassLabel features."""
     import datasets
 
-    feats = {"image": datasets.Image(), "label": datasets.ClassLabel(names=CLASSNAMES)}
+    feats = {"image": datasets.Image(), "label": datasets.ClassLabel(names=list(classnames))}
     feats.update({k: datasets.Value("string") for k in extra})
     data = {"image": [_encode_png(a) for a in images], "label": labels.astype(np.int64).tolist(),
             **{k: list(v) for k, v in extra.items()}}
@@ -514,28 +515,33 @@ def images_to_pixel_values(images: Iterable[Image.Image | np.ndarray]) -> torch.
     return x.sub_(0.5).div_(0.5).unsqueeze(1)
 
 
-def tokenizer_vocabulary() -> list[str]:
-    """Special tokens (ids 0-3) then every word/punctuation of captions, templates and class names, sorted."""
+def tokenizer_vocabulary(templates: Iterable[str] | None = None, names: Iterable[str] | None = None) -> list[str]:
+    """Special tokens (ids 0-3) then every word/punctuation of `templates` (default: the digit captions and prompts)
+    and `names` (default: the digit class words and numerals), sorted."""
     from tokenizers.pre_tokenizers import Whitespace
 
-    texts = [t for ts in CAPTION_TEMPLATES.values() for t in ts] + TEMPLATES
-    words: set[str] = set(CLASSNAMES) | {str(i) for i in range(len(CLASSNAMES))}
+    if templates is None:
+        templates = [t for ts in CAPTION_TEMPLATES.values() for t in ts] + TEMPLATES
+    if names is None:
+        names = [*CLASSNAMES, *(str(i) for i in range(len(CLASSNAMES)))]
     pre = Whitespace()
-    for t in texts:
+    words: set[str] = set()
+    for t in [*templates, *names]:
         words.update(w.lower() for w, _ in pre.pre_tokenize_str(t.format("")))
     return list(SPECIAL_TOKENS) + sorted(words)
 
 
-def build_tokenizer() -> PreTrainedTokenizerBase:
+def build_tokenizer(vocabulary: Sequence[str] | None = None) -> PreTrainedTokenizerBase:
     """Word-level tokenizer (lowercase, whitespace/punctuation split) wrapped for transformers.
 
     Every encoding is ``<bos> words <eos>`` (<eos> id 3, kept under truncation); pad with ``<pad>`` (id 0) to
-    ``MAX_TEXT_LENGTH`` via `tokenize_texts`.
+    ``MAX_TEXT_LENGTH`` via `tokenize_texts`. `vocabulary` (default: the digit world's `tokenizer_vocabulary()`)
+    must start with ``SPECIAL_TOKENS``.
     """
     from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
     from transformers import PreTrainedTokenizerFast
 
-    vocab = {w: i for i, w in enumerate(tokenizer_vocabulary())}
+    vocab = {w: i for i, w in enumerate(vocabulary or tokenizer_vocabulary())}
     tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token=UNK_TOKEN))
     tok.normalizer = normalizers.Lowercase()
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
@@ -602,13 +608,15 @@ class DigitCLIPCollator:
     tokenizer: PreTrainedTokenizerBase
     seed: int = 0
     resample_captions: bool = True
+    #: (label, source, rng) -> caption; another world passes its own.
+    caption_sampler: Callable[[int, str, np.random.Generator], str] = sample_caption
 
     def __post_init__(self) -> None:
         self._rng = _rng(self.seed, "collator/captions")
 
     def __call__(self, rows: list[dict[str, Any]]) -> dict[str, Any]:
         if self.resample_captions:
-            captions = [sample_caption(int(r["label"]), str(r["source"]), self._rng) for r in rows]
+            captions = [self.caption_sampler(int(r["label"]), str(r["source"]), self._rng) for r in rows]
         else:
             captions = [str(r["caption"]) for r in rows]
         batch: dict[str, Any] = dict(tokenize_texts(self.tokenizer, captions))
@@ -679,3 +687,18 @@ def zero_shot_accuracy(
         return correct / max(len(dataset), 1)
     finally:
         model.train(was_training)
+
+
+def _world() -> Any:
+    from .worlds import World
+
+    return World(
+        name="digits", classnames=tuple(CLASSNAMES), templates=tuple(TEMPLATES), shift_splits=SHIFT_SPLITS,
+        tuning_splits=TUNING_SPLITS, build=build_digit_benchmark, clip_path=tiny_clip_path,
+        build_tokenizer=build_tokenizer, collator=DigitCLIPCollator, id_test_split=ID_TEST_SPLIT,
+        tune_shift_split=TUNE_SHIFT_SPLIT, title="Digit-shift benchmark",
+    )
+
+
+#: The digit world (`saeft_hf.benchmarks.worlds`).
+WORLD = _world()

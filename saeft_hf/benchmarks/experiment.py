@@ -39,10 +39,8 @@ from ..sae_set import load_sae_set, save_sae_set
 from ..sae_training import train_sae
 from ..zeroshot import fit_linear_probe, from_clip, set_head
 from .curves import GAIN_RULE, curve_points, gain_over_wise_curve
-from .digits import (
-    CLASSNAMES, ID_TEST_SPLIT, SHIFT_SPLITS, TEMPLATES, TUNE_SHIFT_SPLIT, TUNING_SPLITS, build_digit_benchmark,
-    split_sizes, tiny_clip_path,
-)
+from .digits import split_sizes
+from .worlds import WORLD_MODULES, World, get_world
 
 logger = logging.getLogger(__name__)
 
@@ -65,6 +63,11 @@ class DigitExperimentConfig:
     """Every knob of the digit experiment (the defaults are the committed, tuned settings)."""
 
     output_dir: str = field(default="outputs/demo", metadata={"help": "Where results.json/.md and robustness.png go."})
+    world: str = field(
+        default="digits",
+        metadata={"help": f"Benchmark world: {', '.join(WORLD_MODULES)} (data, class names, prompts and the bundled "
+                          "tiny CLIP; saeft_hf/benchmarks/worlds.py)."},
+    )
     seeds: list[int] = field(default_factory=lambda: [0], metadata={"help": "Fine-tuning seeds."})
     methods: list[str] = field(
         default_factory=lambda: list(DEMO_METHODS),
@@ -83,9 +86,10 @@ class DigitExperimentConfig:
         metadata={"help": "What chooses WiSE-FT's alpha: `validation` (held-out clean ID) or `tuning` (accuracy on "
                           "validation + the --tuning_splits families, docs/tuning_protocol.md)."},
     )
-    tuning_splits: list[str] = field(
-        default_factory=lambda: list(TUNING_SPLITS),
-        metadata={"help": "Held-out tuning shift families (evaluated with --wise_select_on tuning; never reported)."},
+    tuning_splits: list[str] | None = field(
+        default=None,
+        metadata={"help": "Held-out tuning shift families (evaluated with --wise_select_on tuning; never reported); "
+                          "default: all of the world's."},
     )
     representation: str = field(
         default="image_embeds",
@@ -236,13 +240,17 @@ def load_variants(path: str | None) -> dict[str, Variant]:
 def _sae_settings(cfg: DigitExperimentConfig) -> tuple:
     """What an experiment SAE depends on (runs with equal settings share one SAE)."""
     return (cfg.representation, cfg.sae_data, cfg.sae_d_sae, cfg.sae_k, cfg.sae_activation, cfg.sae_epochs,
-            cfg.sae_batch_size, cfg.sae_lr, cfg.clip_name_or_path)
+            cfg.sae_batch_size, cfg.sae_lr, cfg.clip_name_or_path, cfg.world)
 
 
 @functools.lru_cache(maxsize=1)
-def _benchmark() -> datasets.DatasetDict:
-    """The digit splits, built once per process (a tuning sweep runs many experiments; datasets are immutable)."""
-    return build_digit_benchmark()
+def _benchmark(world: str) -> datasets.DatasetDict:
+    """A world's splits, built once per process (a tuning sweep runs many experiments; datasets are immutable)."""
+    return get_world(world).build(0)
+
+
+def _tuning_splits(cfg: DigitExperimentConfig, world: World) -> list[str]:
+    return list(world.tuning_splits) if cfg.tuning_splits is None else list(cfg.tuning_splits)
 
 
 def run_digit_experiment(cfg: DigitExperimentConfig, variants: Mapping[str, Variant] | None = None) -> dict[str, Any]:
@@ -250,8 +258,17 @@ def run_digit_experiment(cfg: DigitExperimentConfig, variants: Mapping[str, Vari
 
     `variants`: named variants in addition to those of `cfg.variants_file` (e.g. a tuning grid's settings).
     """
+    world = get_world(cfg.world)
+    tuning_splits = _tuning_splits(cfg, world)
     if cfg.collect_only:
-        return collect_run_results(cfg.output_dir, cfg.tuning_splits if cfg.wise_select_on == "tuning" else ())
+        return collect_run_results(cfg.output_dir, tuning_splits if cfg.wise_select_on == "tuning" else (), cfg.world)
+    id_split, shift_splits = world.id_test_split, world.shift_splits
+    classnames, templates = list(world.classnames), list(world.templates)
+    allowed = [*world.tuning_splits, *([world.tune_shift_split] if world.tune_shift_split else [])]
+    unknown_sets = sorted(set(tuning_splits) - set(allowed))
+    if unknown_sets:  # a reported set must never choose anything
+        raise ValueError(f"tuning_splits {unknown_sets} are not held-out tuning families of the {world.name} world; "
+                         f"choose from {allowed}.")
     start, start_cpu = time.time(), time.process_time()
     variants = {**load_variants(cfg.variants_file), **(variants or {})}
     methods = list(ALL_METHODS) if cfg.methods == ["all"] else list(cfg.methods)
@@ -264,13 +281,13 @@ def run_digit_experiment(cfg: DigitExperimentConfig, variants: Mapping[str, Vari
     if not {0.0, 1.0} <= {float(a) for a in cfg.wise_alphas}:
         raise ValueError(f"wise_alphas={cfg.wise_alphas} must include 0 and 1 (the curve's endpoints).")
     os.makedirs(cfg.output_dir, exist_ok=True)
-    data = _benchmark()
+    data = _benchmark(cfg.world)
     finetune = data["finetune"]
     if cfg.max_train_samples:
         finetune = finetune.select(range(min(cfg.max_train_samples, len(finetune))))
     tuning = cfg.wise_select_on == "tuning"
-    eval_names = cfg.eval_splits or ["validation", ID_TEST_SPLIT, *SHIFT_SPLITS, *(cfg.tuning_splits if tuning else ())]
-    clip_path = cfg.clip_name_or_path or tiny_clip_path()
+    eval_names = cfg.eval_splits or ["validation", id_split, *shift_splits, *(tuning_splits if tuning else ())]
+    clip_path = cfg.clip_name_or_path or world.clip_path()
     _, eval_transform = transforms_from_pretrained(clip_path)
     # The eval transform is deterministic: decode and transform every evaluation image once.
     eval_sets = {}
@@ -283,7 +300,7 @@ def run_digit_experiment(cfg: DigitExperimentConfig, variants: Mapping[str, Vari
     sweep_sets = eval_sets
     if tuning:
         # One set that chooses alpha: the union of held-out clean ID and the tuning families, never a reported set.
-        parts = [eval_sets[n][0] for n in ("validation", *cfg.tuning_splits)]
+        parts = [eval_sets[n][0] for n in ("validation", *tuning_splits)]
         union = PixelSet(torch.cat([p.pixel_values for p in parts]), torch.cat([p.labels for p in parts]))
         sweep_sets = {**eval_sets, SELECTION_SET: (union, None)}
         select_on = SELECTION_SET
@@ -297,13 +314,13 @@ def run_digit_experiment(cfg: DigitExperimentConfig, variants: Mapping[str, Vari
         accs = evaluate_sets(model, sets, None, batch_size=512, progress=False)
         timing["eval_s"] += time.time() - t0
         timing["eval_cpu_s"] += time.process_time() - c0
-        return {**accs, **shift_averages(accs, ID_TEST_SPLIT, list(SHIFT_SPLITS))}
+        return {**accs, **shift_averages(accs, id_split, list(shift_splits))}
 
     models: dict[str, Any] = {}  # the pre-trained classifier per representation (same weights)
 
     def pretrained_for(representation: str) -> Any:
         if representation not in models:
-            models[representation] = from_clip(clip_path, CLASSNAMES, TEMPLATES, representation=representation,
+            models[representation] = from_clip(clip_path, classnames, templates, representation=representation,
                                                progress=False)
         return models[representation]
 
@@ -323,7 +340,8 @@ def run_digit_experiment(cfg: DigitExperimentConfig, variants: Mapping[str, Vari
                              else load_sae_set(cached, specs))
             else:
                 # The default SAE keeps its place (output_dir/sae); the others are named by their settings.
-                default = key == _sae_settings(dataclasses.replace(DigitExperimentConfig(), clip_name_or_path=cfg.clip_name_or_path))
+                default = key == _sae_settings(dataclasses.replace(DigitExperimentConfig(), world=cfg.world,
+                                                                   clip_name_or_path=cfg.clip_name_or_path))
                 out = cached or os.path.join(cfg.output_dir, "sae" if default else os.path.join("saes", tag))
                 saes[key] = train_benchmark_sae(pretrained_for(run_cfg.representation), data, eval_transform,
                                                 run_cfg, out, clip_path)
@@ -354,7 +372,7 @@ def run_digit_experiment(cfg: DigitExperimentConfig, variants: Mapping[str, Vari
             probe = copy.deepcopy(pretrained)
             feats, labels = compute_embeddings(probe, with_image_transform(finetune, eval_transform), batch_size=512,
                                                return_labels=True, progress=False)
-            weight, bias = fit_linear_probe(feats, labels, len(CLASSNAMES), init_weight=probe.classifier.weight.detach(), seed=seed)
+            weight, bias = fit_linear_probe(feats, labels, len(classnames), init_weight=probe.classifier.weight.detach(), seed=seed)
             set_head(probe, weight, bias)
             add_rows("linear_probe", seed, evaluate(probe))
         for variant in runs:
@@ -371,11 +389,11 @@ def run_digit_experiment(cfg: DigitExperimentConfig, variants: Mapping[str, Vari
             model_args = ModelArguments(model_name_or_path=clip_path, embedding_batch_size=512,
                                         representation=run_cfg.representation if uses_sae else "image_embeds")
             result = run_saeft(
-                model_args, args, train_dataset=finetune, eval_dataset=None, classnames=CLASSNAMES,
-                templates=TEMPLATES, sae=sae_for(run_cfg) if uses_sae else sae,
+                model_args, args, train_dataset=finetune, eval_dataset=None, classnames=classnames,
+                templates=templates, sae=sae_for(run_cfg) if uses_sae else sae,
                 model=copy.deepcopy(pretrained_for(model_args.representation)),
-                eval_sets=sweep_sets if wise else eval_sets, shift_names=list(SHIFT_SPLITS),
-                id_name=ID_TEST_SPLIT if ID_TEST_SPLIT in eval_names else "validation",
+                eval_sets=sweep_sets if wise else eval_sets, shift_names=list(shift_splits),
+                id_name=id_split if id_split in eval_names else "validation",
                 wise_ft_alphas=list(cfg.wise_alphas) if wise else None,
                 # Held-out data that no table reports chooses alpha (validation, or validation + tuning families).
                 wise_ft_select_on=select_on if wise else None,
@@ -392,8 +410,8 @@ def run_digit_experiment(cfg: DigitExperimentConfig, variants: Mapping[str, Vari
                 best = sweep["alphas"].index(sweep["best_alpha"])
                 if sweep_name in methods or variant.wise:
                     add_rows(sweep_name, seed, sweep["results"][best])
-                reported = all(n in eval_names for n in (ID_TEST_SPLIT, *SHIFT_SPLITS))
-                points = curve_points(seed, sweep["alphas"], sweep["results"], ID_TEST_SPLIT, SHIFT_SPLITS) if reported else []
+                reported = all(n in eval_names for n in (id_split, *shift_splits))
+                points = curve_points(seed, sweep["alphas"], sweep["results"], id_split, shift_splits) if reported else []
                 if method == "ft":
                     ft_curve.extend(points)
                 curves[f"{sweep_name}-seed{seed}"] = sweep_entry(sweep, points)
@@ -410,26 +428,27 @@ def run_digit_experiment(cfg: DigitExperimentConfig, variants: Mapping[str, Vari
         reports = interpret_runs(
             clip_path,
             {"FT": os.path.join(runs_dir, f"ft-seed{first}"), "SAE-FT": os.path.join(runs_dir, f"sae_ft-seed{first}")},
-            sae, data[ID_TEST_SPLIT], eval_transform, output_dir=os.path.join(cfg.output_dir, "interpret"),
-            text_model=clip_path, classnames=CLASSNAMES, templates=TEMPLATES,
+            sae, data[id_split], eval_transform, output_dir=os.path.join(cfg.output_dir, "interpret"),
+            text_model=clip_path, classnames=classnames, templates=templates,
             max_samples=cfg.max_eval_samples, progress=False,
         )
         interpretation = {name: report.summary() for name, report in reports.items()}
     timing["interpret_s"], timing["interpret_cpu_s"] = time.time() - t0, time.process_time() - c0
 
     results = {
-        "id_set": ID_TEST_SPLIT,
-        "shift_sets": list(SHIFT_SPLITS),
+        "id_set": id_split,
+        "shift_sets": list(shift_splits),
         "validation_set": "validation",
-        "tuning_shift_set": TUNE_SHIFT_SPLIT,
-        "tuning_sets": list(cfg.tuning_splits) if tuning else [],
-        "wise_select_on": select_on if select_on == "validation" else ["validation", *cfg.tuning_splits],
+        "world": world.name,
+        "tuning_shift_set": world.tune_shift_split,
+        "tuning_sets": tuning_splits if tuning else [],
+        "wise_select_on": select_on if select_on == "validation" else ["validation", *tuning_splits],
         "rows": rows,
-        "summary": summarize(rows),
+        "summary": summarize(rows, shift_splits),
         "wise_ft_curves": curves,
         # Plain FT's WiSE-FT sweep per seed, and every method's distance above it at its own ID accuracy.
         "wise_ft_curve": ft_curve,
-        "gain_over_wise_curve": gain_over_wise_curve(rows, ft_curve, ID_TEST_SPLIT, SHIFT_SPLITS),
+        "gain_over_wise_curve": gain_over_wise_curve(rows, ft_curve, id_split, shift_splits),
         "gain_rule": GAIN_RULE,
         "variants": {name: dataclasses.asdict(v) for name, v in variants.items() if name in methods},
         "interpretation": interpretation,
@@ -466,7 +485,7 @@ def write_outputs(results: Mapping[str, Any], output_dir: str) -> None:
     plot_robustness(results, os.path.join(output_dir, "robustness.png"))
 
 
-def summarize(rows: Sequence[dict[str, Any]]) -> dict[str, dict[str, dict[str, float]]]:
+def summarize(rows: Sequence[dict[str, Any]], shift_splits: Sequence[str]) -> dict[str, dict[str, dict[str, float]]]:
     """Per method: mean and std over seeds of every set, of `shift_avg` (mean of the reported shifts)."""
     per: dict[str, dict[int, dict[str, float]]] = defaultdict(lambda: defaultdict(dict))
     for row in rows:
@@ -477,7 +496,7 @@ def summarize(rows: Sequence[dict[str, Any]]) -> dict[str, dict[str, dict[str, f
         for accs in seeds.values():
             for name, value in accs.items():
                 by_set[name].append(value)
-            shifts = [accs[s] for s in SHIFT_SPLITS if s in accs]
+            shifts = [accs[s] for s in shift_splits if s in accs]
             if shifts:
                 by_set["shift_avg"].append(float(np.mean(shifts)))
         summary[method] = {
@@ -557,7 +576,8 @@ def plot_robustness(results: dict[str, Any], path: str) -> None:
                     capsize=3, label=method, zorder=3)
     ax.set_xlabel(f"ID accuracy (%, {id_set})")
     ax.set_ylabel("shift-average accuracy (%)")
-    ax.set_title("Digit-shift benchmark: robustness vs in-distribution accuracy")
+    title = get_world(results.get("world", "digits")).title
+    ax.set_title(f"{title}: robustness vs in-distribution accuracy")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, loc="best", ncol=2)
     fig.tight_layout()
@@ -568,13 +588,14 @@ def plot_robustness(results: dict[str, Any], path: str) -> None:
 _RUN_NAME = re.compile(r"^(?P<method>.+)-seed(?P<seed>\d+)$")
 
 
-def collect_run_results(output_dir: str, tuning_sets: Sequence[str] = ()) -> dict[str, Any]:
+def collect_run_results(output_dir: str, tuning_sets: Sequence[str] = (), world: str = "digits") -> dict[str, Any]:
     """Rebuild results.json (rows, the plain-FT curve, gains), results.md and robustness.png from the finished runs in
     `output_dir/runs/<method>-seed<seed>/eval_results.json`: a benchmark stopped before its end (or split over several
     processes into one folder) loses only its unfinished runs. Zero-shot rows come from alpha 0 of FT's sweeps (the
     zero-shot model exactly); a run with a sweep also gives its `<method>_wise` row (`wise_ft` for `ft`)."""
     runs_dir = os.path.join(output_dir, "runs")
-    sets = ["validation", ID_TEST_SPLIT, *SHIFT_SPLITS, *tuning_sets]
+    id_split, shift_splits = get_world(world).id_test_split, get_world(world).shift_splits
+    sets = ["validation", id_split, *shift_splits, *tuning_sets]
     rows: list[dict[str, Any]] = []
     curves: dict[str, dict[str, Any]] = {}
     ft_curve: list[dict[str, float]] = []
@@ -598,7 +619,7 @@ def collect_run_results(output_dir: str, tuning_sets: Sequence[str] = ()) -> dic
         if sweep:
             sweep_name = "wise_ft" if method == "ft" else f"{method}_wise"
             add(sweep_name, seed, sweep["results"][sweep["alphas"].index(sweep["best_alpha"])])
-            points = curve_points(seed, sweep["alphas"], sweep["results"], ID_TEST_SPLIT, SHIFT_SPLITS)
+            points = curve_points(seed, sweep["alphas"], sweep["results"], id_split, shift_splits)
             curves[f"{sweep_name}-seed{seed}"] = sweep_entry(sweep, points)
             if method == "ft":
                 ft_curve.extend(points)
@@ -609,10 +630,10 @@ def collect_run_results(output_dir: str, tuning_sets: Sequence[str] = ()) -> dic
     first = ["zeroshot", "ft", "wise_ft"]  # the reference points first, then the runs in folder order
     rows.sort(key=lambda r: first.index(r["method"]) if r["method"] in first else len(first))
     results = {
-        "id_set": ID_TEST_SPLIT, "shift_sets": list(SHIFT_SPLITS), "validation_set": "validation",
+        "world": world, "id_set": id_split, "shift_sets": list(shift_splits), "validation_set": "validation",
         "tuning_sets": list(tuning_sets), "collected_from_runs": True,
-        "rows": rows, "summary": summarize(rows), "wise_ft_curves": curves, "wise_ft_curve": ft_curve,
-        "gain_over_wise_curve": gain_over_wise_curve(rows, ft_curve, ID_TEST_SPLIT, SHIFT_SPLITS),
+        "rows": rows, "summary": summarize(rows, shift_splits), "wise_ft_curves": curves, "wise_ft_curve": ft_curve,
+        "gain_over_wise_curve": gain_over_wise_curve(rows, ft_curve, id_split, shift_splits),
         "gain_rule": GAIN_RULE, "config": {"seeds": sorted(seeds), "output_dir": output_dir},
         "versions": _versions(),
     }
