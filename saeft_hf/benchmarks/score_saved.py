@@ -30,6 +30,7 @@ import torch
 from ..atomic import write_text_atomic
 from ..data import AnyDataset, transforms_from_pretrained
 from ..evaluation import EvalSetSpec, count_correct, pretransform, wise_ft_variants
+from ..evaluation.runner import _quiet_loading
 from ..evaluation.wise_ft import load_initial_head
 from ..lora import load_classifier
 from ..zeroshot import from_clip
@@ -100,14 +101,8 @@ def find_saved_world(models_dir: str, *, variant: str, baseline: str = "ft",
 
 
 def _load_run(path: str) -> torch.nn.Module:
-    from transformers.utils import logging as hf_logging
-
-    verbosity = hf_logging.get_verbosity()
-    hf_logging.set_verbosity_error()  # no load report: a saved run loads every weight it has
-    try:
+    with _quiet_loading(report=False):  # no progress bars or load report: a saved run loads every weight it has
         return load_classifier(path, dtype=torch.float32)
-    finally:
-        hf_logging.set_verbosity(verbosity)
 
 
 def _recorded(run_dir: str, id_set: str) -> dict[str, float]:
@@ -165,7 +160,8 @@ def score_saved_world(
     _, transform = transforms_from_pretrained(world.clip_path)
     pixels = {name: (pretransform(ds, transform, batch_size=batch_size), spec) for name, (ds, spec) in sets.items()}
     num_examples = {name: len(p) for name, (p, _) in pixels.items()}
-    zeroshot = from_clip(world.clip_path, list(classnames), list(templates), progress=False)
+    with _quiet_loading(report=False):  # the CLIP's text tower and logit scale are not the classifier's: no report
+        zeroshot = from_clip(world.clip_path, list(classnames), list(templates), progress=False)
     if device is not None:
         zeroshot.to(device)
 
@@ -212,6 +208,8 @@ def score_saved_world(
             "measured_id": {"ft": {"0.0": accs[("wise", 0.0)][id_set], "1.0": accs[("wise", 1.0)][id_set]},
                             world.variant: {"1.0": accs["variant"][id_set]}},
         }
+        logger.info("seed %d: %s ID %.4f, %s ID %.4f, zero-shot ID %.4f", seed, world.baseline,
+                    accs[("wise", 1.0)][id_set], world.variant, accs["variant"][id_set], zs[id_set])
         del models, ft, variant, theta0
     methods = ("zeroshot", world.baseline, world.variant)
     main_rows = [r for r in rows if r["method"] in methods]
@@ -277,8 +275,9 @@ def unseen_markdown(results: Mapping[str, Any], title: str = "") -> str:
               "| shifts | gain |", "|---|---|",
               f"| average of all {len(shifts)} | {_gain_cell(results['gain_over_wise_curve'].get(variant))} |"]
     lines += [f"| {s} alone | {_gain_cell(results['gain_per_shift'].get(s))} |" for s in shifts]
-    lines += ["", f"Top-1 accuracy (%), mean ± std over seeds {results['seeds']}; {results['num_examples'][id_set]} ID "
-              f"images, {sum(results['num_examples'][s] for s in shifts)} shifted. WiSE-FT alphas "
+    lines += ["", f"Top-1 accuracy (%), mean ± std over seeds {results['seeds']}; "
+              f"{results['num_examples'][id_set]} ID images, {sum(results['num_examples'][s] for s in shifts)} "
+              "shifted. WiSE-FT alphas "
               f"{', '.join(f'{a:g}' for a in results['alphas'])}. Rule: {results['gain_rule']}"]
     return "\n".join(lines) + "\n"
 
