@@ -17,6 +17,7 @@ PREFIX.json, PREFIX.md and PREFIX.png.
 from __future__ import annotations
 
 import logging
+import shlex
 import sys
 from dataclasses import dataclass, field
 
@@ -70,7 +71,7 @@ def main(argv: list[str]) -> None:
                                 templates=TEMPLATES, alphas=args.alphas, batch_size=args.batch_size)
     if args.clip_name_or_path == "bundled":
         results["clip"] = "bundled: saeft_hf/benchmarks/tiny_clip"
-    results["command"] = "python recipes/score_unseen_shifts.py " + " ".join(argv)
+    results["command"] = shlex.join(["python", "recipes/score_unseen_shifts.py", *argv])
     paths = write_unseen_outputs(results, args.output_prefix, args.title, plot=args.plot)
     with open(paths[1], encoding="utf-8") as fh:
         print(fh.read())
