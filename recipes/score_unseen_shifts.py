@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 
 from saeft_hf.benchmarks.digits import CLASSNAMES, TEMPLATES, tiny_clip_path
 from saeft_hf.benchmarks.score_saved import DEFAULT_ALPHAS, find_saved_world, score_saved_world, write_unseen_outputs
-from saeft_hf.benchmarks.unseen_shifts import UNSEEN_SHIFTS, build_unseen_shifts
+from saeft_hf.benchmarks.unseen_shifts import UNSEEN_SHIFTS, build_unseen_shifts, save_image_folders
 from saeft_hf.evaluation import load_eval_sets, load_eval_specs
 from saeft_hf.pipeline import parse_args
 
@@ -47,6 +47,8 @@ class UnseenShiftArguments:
     data_seed: int = field(default=0, metadata={"help": "Data seed of the id_test images (the models' own: 0)."})
     alphas: list[float] = field(default_factory=lambda: list(DEFAULT_ALPHAS),
                                 metadata={"help": "WiSE-FT alphas of the baseline's curve (must include 0 and 1)."})
+    export_dir: str | None = field(
+        default=None, metadata={"help": "Also write the built-in sets as image folders and an eval_sets.yaml here."})
     batch_size: int = 512
     title: str = ""
     plot: bool = True
@@ -65,7 +67,10 @@ def main(argv: list[str]) -> None:
         sets = load_eval_sets([s for s in specs if s.role in ("id", "shift")], head_labels=CLASSNAMES)
         id_set, shift_sets = ids[0], [s.name for s in specs if s.role == "shift"]
     else:
-        sets = {name: (ds, None) for name, ds in build_unseen_shifts(args.data_seed, args.shifts).items()}
+        built = build_unseen_shifts(args.data_seed, args.shifts)
+        if args.export_dir:
+            print("built-in sets written as image folders:", save_image_folders(built, args.export_dir))
+        sets = {name: (ds, None) for name, ds in built.items()}
         id_set, shift_sets = "id_test", list(args.shifts)
     results = score_saved_world(world, sets, id_set=id_set, shift_sets=shift_sets, classnames=CLASSNAMES,
                                 templates=TEMPLATES, alphas=args.alphas, batch_size=args.batch_size)

@@ -4,6 +4,7 @@ import json
 import os
 from pathlib import Path
 
+import datasets
 import numpy as np
 import pytest
 import torch
@@ -17,10 +18,11 @@ from saeft_hf.benchmarks.digits import (
 )
 from saeft_hf.benchmarks.score_saved import SavedWorld, find_saved_world, score_saved_world
 from saeft_hf.benchmarks.unseen_shifts import (
-    UNSEEN_SEVERITIES, UNSEEN_SHIFTS, apply_unseen_shift, build_unseen_shifts, id_test_images, unseen_shift_arrays,
+    UNSEEN_SEVERITIES, UNSEEN_SHIFTS, apply_unseen_shift, build_unseen_shifts, id_test_images, save_image_folders,
+    unseen_shift_arrays,
 )
 from saeft_hf.data import transforms_from_pretrained
-from saeft_hf.evaluation import EvalSetSpec, evaluate_sets, load_eval_sets, pretransform, wise_ft
+from saeft_hf.evaluation import EvalSetSpec, evaluate_sets, load_eval_sets, load_eval_specs, pretransform, wise_ft
 from saeft_hf.evaluation.wise_ft import load_initial_head, save_initial_head
 from saeft_hf.lora import load_classifier
 from saeft_hf.zeroshot import from_clip
@@ -88,6 +90,18 @@ def test_unseen_shifts_are_deterministic_and_apply_what_they_say():
         unseen_shift_arrays("noise", 0)
     sets = build_unseen_shifts(0, ["invert"])
     assert list(sets) == ["id_test", "invert"] and sets["invert"].features["label"].names == CLASSNAMES
+
+
+def test_exported_image_folders_load_back_as_the_same_labelled_images(tmp_path):
+    sets = build_unseen_shifts(0, ["invert"])
+    config = save_image_folders(sets, str(tmp_path / "shifts"))
+    specs = load_eval_specs(config)
+    assert [(s.name, s.role) for s in specs] == [("id_test", "id"), ("invert", "shift")]
+    loaded = load_eval_sets(specs, head_labels=CLASSNAMES)
+    for name, ds in sets.items():
+        def pairs(d):
+            return sorted((int(r["label"]), np.asarray(r["image"].convert("L")).tobytes()) for r in d)
+        assert pairs(loaded[name][0].cast_column("image", datasets.Image())) == pairs(ds)
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -131,3 +131,26 @@ def build_unseen_shifts(seed: int = 0, kinds: tuple[str, ...] | list[str] = UNSE
         x, y, _ = unseen_shift_arrays(kind, seed)
         sets[kind] = _to_dataset(x, y)
     return sets
+
+
+def save_image_folders(sets: dict[str, datasets.Dataset], root: str) -> str:
+    """Write each set as a class-folder tree ``root/<set>/<class name>/<i>.png`` (lossless) and ``root/eval_sets.yaml``
+    (the eval-set format of ``recipes/evaluate.py``: ``id_test`` with ``role: id``, the rest ``role: shift``), so the
+    shifts can be looked at, shared and scored again with ``--eval_sets_config``. Returns the YAML's path."""
+    import os
+
+    import yaml
+
+    entries = []
+    for name, ds in sets.items():
+        names = ds.features["label"].names
+        for i, row in enumerate(ds):
+            folder = os.path.join(root, name, names[row["label"]])
+            os.makedirs(folder, exist_ok=True)
+            row["image"].save(os.path.join(folder, f"{i:05d}.png"))
+        entries.append({"name": name, "data_dir": os.path.abspath(os.path.join(root, name)),
+                        "role": "id" if name == "id_test" else "shift"})
+    path = os.path.join(root, "eval_sets.yaml")
+    with open(path, "w", encoding="utf-8") as fh:
+        yaml.safe_dump({"eval_sets": entries}, fh, sort_keys=False)
+    return path
