@@ -218,3 +218,21 @@ def test_committed_models_reproduce_their_recorded_id_accuracy(world, run):
     sets = {"id_test": (build_unseen_shifts(0, [])["id_test"], None)}
     assert evaluate_sets(load_classifier(str(folder / run)), sets, transform, batch_size=500)["id_test"] == recorded
     assert os.path.getsize(folder / run / "model.safetensors") < 2_000_000
+
+
+@pytest.mark.skipif(not os.path.isfile("/usr/share/datasets/fashion-mnist/t10k-images-idx3-ubyte.gz"),
+                    reason="needs the Debian package dataset-fashion-mnist")
+def test_fashion_world_unseen_shifts():
+    from saeft_hf.benchmarks import fashion
+    from saeft_hf.benchmarks.unseen_shifts import UNSEEN_BY_WORLD
+
+    sets = build_unseen_shifts(0, ["rotate", "jpeg"], world="fashion")
+    assert list(sets) == ["id_test", "rotate", "jpeg"] and len(sets["rotate"]) == 3000
+    assert sets["id_test"].features["label"].names == fashion.CLASSNAMES
+    images, _ = id_test_images(0, "fashion")
+    real = fashion.build_fashion_benchmark(0)
+    assert [np.asarray(im).tobytes() for im in real["id_test"]["image"][:20]] == [a.tobytes() for a in images[:20]]
+    # Inverted photos are the fashion world's tuning family tune_negative: not an unseen shift there.
+    assert "invert" not in UNSEEN_BY_WORLD["fashion"]
+    with pytest.raises(ValueError, match="not unseen shifts of the fashion world"):
+        build_unseen_shifts(0, ["invert"], world="fashion")

@@ -19,7 +19,11 @@ shift       what                                                             sev
 ==========  ===============================================================  ==========================
 
 Each source image appears once at every severity (3,000 images per shift, 1,000 for ``invert``), shuffled, like the
-reported corruptions. The set was fixed before any model was scored on it. ``erase`` may place its square on
+reported corruptions.
+
+The Fashion world (``world="fashion"``) gets the same shifts of its own ``id_test`` photos, except ``invert``: there,
+inverted photos are the tuning family ``tune_negative``, so not unseen. Its tuning families ``tune_outline``
+(max minus min filter) and ``tune_haze`` differ from ``thin`` / ``thick`` (one-sided erosion / dilation). The set was fixed before any model was scored on it. ``erase`` may place its square on
 background only: 70 of its 3,000 images (54 of them with the smallest square) are their id_test source unchanged.
 """
 
@@ -31,7 +35,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 from PIL import Image, ImageFilter
 
-from .digits import IMAGE_SIZE, _rng, _to_dataset, digit_split_plan, load_mnist
+from .digits import CLASSNAMES, IMAGE_SIZE, _rng, _to_dataset, digit_split_plan, load_mnist
 
 if TYPE_CHECKING:
     import datasets
@@ -46,16 +50,37 @@ UNSEEN_SEVERITIES: dict[str, tuple[float, ...]] = {
     "jpeg": (12, 8, 5),
 }
 UNSEEN_SHIFTS: tuple[str, ...] = tuple(UNSEEN_SEVERITIES)
+#: The unseen shifts of each benchmark world (the fashion world tunes on inverted photos: `invert` is not unseen).
+UNSEEN_BY_WORLD: dict[str, tuple[str, ...]] = {
+    "digits": UNSEEN_SHIFTS, "fashion": tuple(k for k in UNSEEN_SHIFTS if k != "invert"),
+}
 #: Prefix of every stream name here, so no stream coincides with one of `build_digit_benchmark`'s.
 _STREAM = "unseen"
 
 
-def id_test_images(seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
-    """The ``id_test`` split of ``build_digit_benchmark(seed)`` as arrays (uint8 [1000, 28, 28], labels [1000]),
-    without building the other splits."""
+def id_test_images(seed: int = 0, world: str = "digits") -> tuple[np.ndarray, np.ndarray]:
+    """The ``id_test`` split of the world's benchmark (``build_digit_benchmark(seed)`` or
+    ``build_fashion_benchmark(seed)``) as arrays (uint8 [1000, 28, 28], labels [1000]), without building the other
+    splits."""
+    if world == "fashion":
+        from .fashion import fashion_split_plan, load_fashion_mnist
+
+        fx, fy = load_fashion_mnist()
+        idx = fashion_split_plan(fy, seed)["id_test"]
+        return fx[idx], fy[idx]
+    if world != "digits":
+        raise ValueError(f"Unknown benchmark world {world!r}; choose one of {sorted(UNSEEN_BY_WORLD)}.")
     mx, my = load_mnist()
     idx = digit_split_plan(seed).mnist["id_test"]
     return mx[idx], my[idx]
+
+
+def _check_kinds(kinds: tuple[str, ...] | list[str], world: str) -> None:
+    if world not in UNSEEN_BY_WORLD:
+        raise ValueError(f"Unknown benchmark world {world!r}; choose one of {sorted(UNSEEN_BY_WORLD)}.")
+    bad = [k for k in kinds if k not in UNSEEN_BY_WORLD[world]]
+    if bad:
+        raise ValueError(f"{bad} are not unseen shifts of the {world} world; choose from {list(UNSEEN_BY_WORLD[world])}.")
 
 
 def _pil(a: np.ndarray) -> Image.Image:
@@ -106,30 +131,38 @@ def apply_unseen_shift(images: np.ndarray, kind: str, params: np.ndarray, rng: n
     return out
 
 
-def unseen_shift_arrays(kind: str, seed: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def unseen_shift_arrays(kind: str, seed: int = 0, world: str = "digits") -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Every ``id_test`` image of data seed `seed` at every severity of `kind`, shuffled:
     (uint8 [N*S, 28, 28], labels [N*S], severity index [N*S]). Deterministic for a given seed and Pillow version."""
     if kind not in UNSEEN_SEVERITIES:
         raise ValueError(f"unknown unseen shift {kind!r}; expected one of {list(UNSEEN_SHIFTS)}")
-    images, labels = id_test_images(seed)
+    _check_kinds([kind], world)
+    images, labels = id_test_images(seed, world)
     severities = np.asarray(UNSEEN_SEVERITIES[kind])
     levels = np.repeat(np.arange(len(severities)), len(images))
     src = np.tile(np.arange(len(images)), len(severities))
-    rng = _rng(seed, f"{_STREAM}/{kind}")
+    rng = _rng(seed, f"{_STREAM}/{kind}" if world == "digits" else f"{_STREAM}/{world}/{kind}")
     shifted = apply_unseen_shift(images[src], kind, severities[levels], rng)
     perm = rng.permutation(len(shifted))
     return shifted[perm], labels[src][perm], levels[perm]
 
 
-def build_unseen_shifts(seed: int = 0, kinds: tuple[str, ...] | list[str] = UNSEEN_SHIFTS
+def build_unseen_shifts(seed: int = 0, kinds: tuple[str, ...] | list[str] | None = None, world: str = "digits"
                         ) -> dict[str, datasets.Dataset]:
-    """``{"id_test": ..., kind: ...}``: the ID set and the unseen shifts as in-memory Datasets with ``image``
-    (28x28 mode "L") and ``label`` (``ClassLabel`` of the digit class names) columns, like the benchmark's splits."""
-    images, labels = id_test_images(seed)
-    sets = {"id_test": _to_dataset(images, labels)}
+    """``{"id_test": ..., kind: ...}``: the ID set and the unseen shifts (default: all of the world's) as in-memory
+    Datasets with ``image`` (28x28 mode "L") and ``label`` (``ClassLabel`` of the world's class names) columns, like
+    the benchmark's splits."""
+    kinds = UNSEEN_BY_WORLD.get(world, ()) if kinds is None else kinds
+    _check_kinds(kinds, world)
+    if world == "fashion":
+        from .fashion import CLASSNAMES as names
+    else:
+        names = CLASSNAMES
+    images, labels = id_test_images(seed, world)
+    sets = {"id_test": _to_dataset(images, labels, names)}
     for kind in kinds:
-        x, y, _ = unseen_shift_arrays(kind, seed)
-        sets[kind] = _to_dataset(x, y)
+        x, y, _ = unseen_shift_arrays(kind, seed, world)
+        sets[kind] = _to_dataset(x, y, names)
     return sets
 
 
