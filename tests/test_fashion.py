@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 
 from saeft_hf.benchmarks import fashion as F
+from saeft_hf.benchmarks.digits import apply_corruption
 from saeft_hf.benchmarks.worlds import WORLD_MODULES, get_world
 
 PER_CLASS_NEEDED = sum(F.PER_CLASS.values())
@@ -133,7 +134,7 @@ def test_styles():
     ol = F.outline(img)
     assert ol[0, 2, 2] == 0 and ol[0, 10, 10] == 0 and ol[0, 8, 14] == 255  # the box border, thin, scaled to white
     assert (F.outline(np.zeros((1, 28, 28), np.uint8)) == 0).all()
-    hz = F.haze(np.stack([img[0]] * 3), np.array([0, 1, 2]))
+    hz = apply_corruption(np.stack([img[0]] * 3), "haze", np.array([0, 1, 2]), np.random.default_rng(0))
     assert hz[0, 2, 2] == 100 and hz[2, 2, 2] == 160  # black -> grey veil: 0.5 * 200, 0.8 * 200
     assert hz[0, 10, 10] == 190 and hz[2, 10, 10] == 196  # 0.5 * 180 + 100, 0.2 * 180 + 160
 

@@ -131,7 +131,10 @@ SEVERITIES: dict[str, tuple[float, ...]] = {
     "salt_pepper": (0.04, 0.08, 0.12),
     "pixelate": (14, 10, 7),  # side (px) of the box-downsampled image, shown back at 28 px with nearest neighbours
     "shear": (0.25, 0.4, 0.55),  # horizontal shear factor (random sign)
+    "haze": (0.5, 0.65, 0.8),  # weight w of a light-grey veil: x -> (1 - w) x + w * HAZE_GREY (the Fashion world's)
 }
+#: Grey level of the ``haze`` veil.
+HAZE_GREY = 200
 
 #: Pre-training caption templates per pool source (``{}`` = class word or numeral).
 CAPTION_TEMPLATES: dict[str, tuple[str, ...]] = {
@@ -286,9 +289,10 @@ def apply_corruption(
 
     Args:
         images: uint8 [N, 28, 28], white on black.
-        kind: one of ``SEVERITIES`` (``noise``, ``blur``, ``contrast``, ``salt_pepper``, ``pixelate``, ``shear``).
+        kind: one of ``SEVERITIES`` (``noise``, ``blur``, ``contrast``, ``salt_pepper``, ``pixelate``, ``shear``,
+            ``haze``).
         levels: int [N], severity index per image into ``SEVERITIES[kind]``.
-        rng: the generator that draws the noise and the shear's sign (unused by blur/contrast/pixelate).
+        rng: the generator that draws the noise and the shear's sign (unused by blur/contrast/pixelate/haze).
     Returns:
         uint8 [N, 28, 28].
     """
@@ -320,6 +324,9 @@ def apply_corruption(
         # ImageNet-C style: shrink around the per-image mean (digits become dim grey on dark grey).
         mean = x.mean(axis=(1, 2), keepdims=True)
         x = (x - mean) * params[:, None, None] + mean
+    elif kind == "haze":  # in 0-255 units, so grey levels round exactly (0.5 * 181 + 100 = 190.5 -> 190)
+        w = params[:, None, None]
+        return np.clip(np.round((1 - w) * images + w * HAZE_GREY), 0, 255).astype(np.uint8)
     elif kind == "salt_pepper":
         u = rng.random(x.shape)
         half = params[:, None, None] / 2

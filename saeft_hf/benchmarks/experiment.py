@@ -594,7 +594,8 @@ def collect_run_results(output_dir: str, tuning_sets: Sequence[str] = (), world:
     processes into one folder) loses only its unfinished runs. Zero-shot rows come from alpha 0 of FT's sweeps (the
     zero-shot model exactly); a run with a sweep also gives its `<method>_wise` row (`wise_ft` for `ft`)."""
     runs_dir = os.path.join(output_dir, "runs")
-    id_split, shift_splits = get_world(world).id_test_split, get_world(world).shift_splits
+    bench = get_world(world)
+    id_split, shift_splits = bench.id_test_split, bench.shift_splits
     sets = ["validation", id_split, *shift_splits, *tuning_sets]
     rows: list[dict[str, Any]] = []
     curves: dict[str, dict[str, Any]] = {}

@@ -58,7 +58,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "CLASSNAMES", "TEMPLATES", "SHIFT_SPLITS", "TUNING_SPLITS", "ALL_SPLITS", "FASHION_DATA_DIR", "WORLD",
-    "load_fashion_mnist", "sketch", "silhouette", "outline", "haze", "build_fashion_benchmark", "build_fashion_tokenizer",
+    "load_fashion_mnist", "sketch", "silhouette", "outline", "build_fashion_benchmark", "build_fashion_tokenizer",
     "fashion_clip_path", "split_sizes",
 ]
 
@@ -86,9 +86,6 @@ TEMPLATES: list[str] = [
 SHIFT_SPLITS: tuple[str, ...] = ("sketch", "silhouette", "noise", "blur", "contrast")
 ID_TEST_SPLIT = "id_test"
 TUNING_SPLITS: tuple[str, ...] = ("tune_negative", "tune_pixelate", "tune_shear", "tune_outline", "tune_haze")
-#: tune_haze: weight of the light-grey veil (x -> (1 - w) x + w * HAZE_GREY), mildest first.
-HAZE_LEVELS: tuple[float, ...] = (0.5, 0.65, 0.8)
-HAZE_GREY = 200
 ALL_SPLITS: tuple[str, ...] = ("pretrain", "finetune", "validation", ID_TEST_SPLIT, *SHIFT_SPLITS, *TUNING_SPLITS)
 CORRUPTIONS: tuple[str, ...] = ("noise", "blur", "contrast")
 PER_CLASS: dict[str, int] = {
@@ -166,12 +163,6 @@ def outline(images: np.ndarray) -> np.ndarray:
     return np.stack(out)
 
 
-def haze(images: np.ndarray, levels: np.ndarray) -> np.ndarray:
-    """Blend each image towards light grey with weight ``HAZE_LEVELS[level]``. uint8 [N, 28, 28]."""
-    w = np.asarray(HAZE_LEVELS)[np.asarray(levels)][:, None, None]
-    return np.clip(np.round((1 - w) * images + w * HAZE_GREY), 0, 255).astype(np.uint8)
-
-
 def caption_choices(label: int, source: str) -> list[str]:
     """Every caption a pool image of `source` with class `label` may get."""
     return [t.format(n) for t in CAPTION_TEMPLATES[source] for n in SYNONYMS[CLASSNAMES[label]]]
@@ -242,14 +233,10 @@ def build_fashion_benchmark(seed: int = 0, data_dir: str = FASHION_DATA_DIR) -> 
         splits[kind] = ds(cx, cy)
     tune = plan["tune"]
     splits["tune_negative"] = ds(255 - x[tune], y[tune])
-    for kind in ("pixelate", "shear"):
+    for kind in ("pixelate", "shear", "haze"):
         kx, ky, _ = _all_severities(x[tune], y[tune], kind, _rng(seed, f"fashion/tune/{kind}"))
         splits[f"tune_{kind}"] = ds(kx, ky)
     splits["tune_outline"] = ds(outline(x[tune]), y[tune])
-    levels = np.repeat(np.arange(len(HAZE_LEVELS)), len(tune))
-    perm = _rng(seed, "fashion/tune/haze").permutation(len(levels))
-    src = np.tile(tune, len(HAZE_LEVELS))[perm]
-    splits["tune_haze"] = ds(haze(x[src], levels[perm]), y[src])
     return datasets.DatasetDict({k: splits[k] for k in ALL_SPLITS})
 
 

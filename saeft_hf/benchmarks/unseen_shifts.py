@@ -35,7 +35,8 @@ from typing import TYPE_CHECKING
 import numpy as np
 from PIL import Image, ImageFilter
 
-from .digits import CLASSNAMES, IMAGE_SIZE, _rng, _to_dataset, digit_split_plan, load_mnist
+from .worlds import get_world
+from .digits import IMAGE_SIZE, _rng, _to_dataset, digit_split_plan, load_mnist
 
 if TYPE_CHECKING:
     import datasets
@@ -154,10 +155,7 @@ def build_unseen_shifts(seed: int = 0, kinds: tuple[str, ...] | list[str] | None
     the benchmark's splits."""
     kinds = UNSEEN_BY_WORLD.get(world, ()) if kinds is None else kinds
     _check_kinds(kinds, world)
-    if world == "fashion":
-        from .fashion import CLASSNAMES as names
-    else:
-        names = CLASSNAMES
+    names = get_world(world).classnames
     images, labels = id_test_images(seed, world)
     sets = {"id_test": _to_dataset(images, labels, names)}
     for kind in kinds:
