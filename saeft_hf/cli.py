@@ -25,7 +25,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
                  "evaluate a saved run, a Hub model or a CLIP checkpoint on shift sets; sweep WiSE-FT"),
     "interpret": ("saeft_hf.commands.interpret", "the feature report: SAE features fine-tuning added and removed"),
     "demo": ("saeft_hf.commands.demo",
-             "the offline digit-shift benchmark: zero-shot, FT, WiSE-FT, SAE-FT (--methods all: every method)"),
+             "the offline shift benchmark: zero-shot, FT, WiSE-FT, SAE-FT (--methods all, --world fashion)"),
     "compare": ("saeft_hf.commands.compare",
                 "a run's eval_results.json beside the numbers its config should reproduce (`expected:`)"),
     "env": ("saeft_hf.commands.env", "print versions and accelerators for a bug report"),

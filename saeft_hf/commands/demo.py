@@ -4,6 +4,8 @@
                                                      # report; one seed, outputs/demo (make demo, < 4 min on 2 cores)
     saeft demo --methods all --seeds 0 1 2 --output_dir outputs/digits-3seeds     # every built-in method
     saeft demo --variants_file V.yaml --methods ft wise_ft my_variant --wise_alphas 0 0.1 ... 1   # named variants
+    saeft demo --world fashion --output_dir outputs/demo-fashion   # the Fashion-MNIST world (Debian
+                                                     # dataset-fashion-mnist; saeft_hf/benchmarks/fashion.py)
 
 Writes results.json (rows, the plain-FT WiSE-FT curve, gain_over_wise_curve), results.md and robustness.png into
 --output_dir. The tuning protocol is docs/tuning_protocol.md (recipes/tune_digits.py).
